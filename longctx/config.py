@@ -1,0 +1,522 @@
+"""One typed config tree: the single source of truth for a prep run and for a training run.
+
+A config is built in one way: dataclass defaults, then a YAML preset, then `section.key=value` overrides
+(in that order). Unknown keys, values of the wrong type and bad combinations are all reported together as
+one `ConfigError` whose message names each problem and its fix. The resolved tree is saved next to every
+output (shards, checkpoints) so that a run can be reproduced from what it wrote.
+
+Two roots share the machinery: `PrepConfig` (what `longctx prep pack` did) and `RunConfig` (train / eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from longctx.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config that cannot be used: unknown key, wrong type, or a bad combination of values."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data preparation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepConfig:
+    """Options of `longctx prep pack`; saved in the shard manifest so a prep run can be reproduced."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Corpus paths: text directories, .jsonl/.jsonl.gz/.jsonl.zst, .parquet, or a `save_to_disk` dataset dir."""
+    weights: list[float] = field(default_factory=list)
+    """Mixing weight per input (empty: 1.0 each). A weight of 2.0 packs that input's documents twice."""
+    tokenizer: str = ""
+    """A sentencepiece .model file, or a Hugging Face tokenizer directory."""
+    seq_len: int = 8192
+    """Tokens per packed sequence."""
+    out: str = ""
+    """Output directory for shards + manifest."""
+    glob: str = "**/*"
+    """Which files of a text directory to read (relative glob, recursive with **)."""
+    text_field: str = "text"
+    """Field (JSONL) or column (parquet, HF dataset) holding the document text."""
+    add_bos: bool = True
+    """Put the tokenizer's BOS token before each document."""
+    add_eos: bool = True
+    """Put the tokenizer's EOS token after each document."""
+    min_doc_tokens: int = 0
+    """Drop documents shorter than this many tokens (long-context corpora keep only long documents)."""
+    max_doc_tokens: int = 0
+    """Drop documents longer than this many tokens (0: no limit)."""
+    dedup: bool = False
+    """Drop exact duplicate documents (by content hash), keeping the first."""
+    val_fraction: float = 0.0
+    """Fraction of documents (not sequences) put in the validation split."""
+    seed: int = 0
+    """Seed of the document shuffle and the train/validation assignment."""
+    shuffle: bool = True
+    """Shuffle documents (deterministically, by seed) before packing."""
+    tail: Literal["drop", "pad"] = "drop"
+    """What to do with the last, incomplete sequence of each split: drop it or pad it (padding is masked)."""
+    sequences_per_shard: int = 1024
+    """Sequences per shard file."""
+    num_workers: int = 0
+    """Tokenizer processes (0: one per core)."""
+    strict: bool = False
+    """Stop on a file that is not UTF-8 (default: skip it and count it)."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.seq_len < 2:
+            errors.append(f"prep.seq_len={self.seq_len} is too small: use at least 2 tokens per sequence")
+        elif self.seq_len > 16_777_216:
+            errors.append(f"prep.seq_len={self.seq_len} is absurdly large: use at most 16777216 (16M) tokens")
+        if self.weights and len(self.weights) != len(self.inputs):
+            errors.append(
+                f"prep.weights has {len(self.weights)} values for {len(self.inputs)} inputs: give one weight per input"
+            )
+        if any(w <= 0 for w in self.weights):
+            errors.append("prep.weights must all be > 0: drop an input instead of giving it weight 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errors.append(f"prep.val_fraction={self.val_fraction} is outside [0, 1): e.g. 0.01 for 1% of documents")
+        if self.min_doc_tokens < 0 or self.max_doc_tokens < 0:
+            errors.append("prep.min_doc_tokens and prep.max_doc_tokens must be >= 0 (0 for max: no limit)")
+        if self.max_doc_tokens and self.min_doc_tokens > self.max_doc_tokens:
+            errors.append(
+                f"prep.min_doc_tokens={self.min_doc_tokens} > prep.max_doc_tokens={self.max_doc_tokens}: "
+                "raise the maximum or lower the minimum"
+            )
+        if self.sequences_per_shard < 1:
+            errors.append("prep.sequences_per_shard must be >= 1")
+        if self.num_workers < 0:
+            errors.append("prep.num_workers must be >= 0 (0: one per core)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training / evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a local Hugging Face directory, or an architecture built with random weights."""
+
+    path: str = ""
+    """Local Hugging Face model directory (config.json + safetensors). Empty: build from `init`."""
+    init: dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config fields of a model built with random weights, e.g. {model_type: llama, hidden_size: 256}."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter / compute dtype. auto: bfloat16 on GPU, float32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow a model directory to run its own Python code (off unless you trust the directory)."""
+    activation_checkpointing: bool = True
+    """Recompute each block's activations in the backward pass instead of storing them."""
+
+    def validate(self, errors: list[str]) -> None:
+        if not self.path and not self.init:
+            errors.append("model: neither model.path nor model.init is set: give a model directory or an init config")
+        if self.path and self.init:
+            errors.append("model.path and model.init are both set: use a directory OR a random-init config, not both")
+        if self.init and "model_type" not in self.init:
+            errors.append("model.init has no model_type: add e.g. model.init.model_type=llama")
+
+
+@dataclass
+class RopeConfig:
+    """RoPE position scaling (position interpolation and its variants)."""
+
+    type: Literal["linear", "dynamic", "yarn", "none"] = "linear"
+    """linear: position interpolation (LongLoRA); dynamic: dynamic NTK; yarn: YaRN; none: no scaling."""
+    original_context: int = 0
+    """The base model's trained context (0: the model config's max_position_embeddings)."""
+    factor: float = 0.0
+    """Scaling factor (0: train.seq_len / original_context)."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.factor < 0:
+            errors.append(f"rope.factor={self.factor} is negative: use 0 (automatic) or a factor >= 1")
+        if 0 < self.factor < 1:
+            errors.append(f"rope.factor={self.factor} < 1 would shrink the context: use a factor >= 1")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention while training; evaluation and inference always use dense causal attention."""
+
+    implementation: Literal["s2attn", "sdpa", "eager", "flash"] = "s2attn"
+    """s2attn: shifted sparse attention (LongLoRA); sdpa / eager / flash: dense attention."""
+    group_size: int = 0
+    """S²-Attn group size G in tokens (even). 0: group_size_ratio × train.seq_len."""
+    group_size_ratio: float = 0.25
+    """G as a fraction of the sequence length when group_size is 0 (LongLoRA: 1/4)."""
+    backend: Literal["auto", "sdpa", "flash"] = "auto"
+    """Kernel behind S²-Attn. auto: flash-attn varlen when installed on GPU, else PyTorch SDPA."""
+    isolate_documents: bool = False
+    """Tokens attend only within their own document of a packed sequence (position ids restart per document)."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.group_size < 0 or self.group_size % 2:
+            errors.append(f"attention.group_size={self.group_size} must be even and >= 0 (0: use group_size_ratio)")
+        if not 0 < self.group_size_ratio <= 1:
+            errors.append(f"attention.group_size_ratio={self.group_size_ratio} must be in (0, 1], e.g. 0.25")
+
+
+@dataclass
+class LoraConfig:
+    """What trains: LoRA adapters plus fully trainable extra modules, or everything (enabled=false)."""
+
+    enabled: bool = True
+    """LoRA on the target modules; false: full fine-tuning of every weight."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get LoRA adapters."""
+    trainable: list[str] = field(default_factory=lambda: ["embed", "norm"])
+    """Modules trained in full next to LoRA: embed (input embeddings), norm (every norm), lm_head."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.r < 1:
+            errors.append(f"lora.r={self.r} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            errors.append(f"lora.dropout={self.dropout} must be in [0, 1)")
+        unknown = sorted(set(self.trainable) - {"embed", "norm", "lm_head"})
+        if unknown:
+            errors.append(f"lora.trainable has unknown parts {unknown}: choose from embed, norm, lm_head")
+
+
+@dataclass
+class DataConfig:
+    """Packed shards written by `longctx prep pack`."""
+
+    train: str = ""
+    """Directory of the training shards."""
+    val: str = ""
+    """Directory of the held-out shards (evaluation)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch, schedule, logging, checkpoints."""
+
+    seq_len: int = 8192
+    """Tokens per training sequence (the target context)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward/backward."""
+    gradient_accumulation_steps: int = 0
+    """Micro batches per optimizer step (0: derived from global_batch_size)."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step over all data-parallel ranks (0: derived from the other two)."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (LongLoRA) or cosine decay to min_lr_ratio × lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (LongLoRA: 0.9, 0.95)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0: off)."""
+    seed: int = 42
+    """Seed of initialisation, dropout and the data order."""
+    log_every: int = 1
+    """Steps between log lines."""
+    save_every: int = 100
+    """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+    output_dir: str = "runs/train"
+    """Where checkpoints, logs and the resolved config go."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; none: start fresh; or a checkpoint path."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.seq_len < 2:
+            errors.append(f"train.seq_len={self.seq_len} is too small: use at least 2")
+        if self.micro_batch_size < 1:
+            errors.append(f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.max_steps < 1:
+            errors.append(f"train.max_steps={self.max_steps} must be >= 1")
+        if self.lr <= 0:
+            errors.append(f"train.lr={self.lr} must be > 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            errors.append(f"train.adam_betas={self.adam_betas} must be two values in [0, 1), e.g. [0.9, 0.95]")
+        if self.keep_last < 1:
+            errors.append(f"train.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine. Values the run owns ("auto" in the JSON) are filled from this config tree."""
+
+    config: str = "ds_configs/stage3.json"
+    """DeepSpeed JSON (ds_configs/stage2.json, stage3.json, stage3_offload.json, or your own)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are arranged beyond plain data parallelism."""
+
+    sequence_parallel_size: int = 1
+    """Ranks that share one sequence (DeepSpeed Ulysses); world size = data-parallel × this."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.sequence_parallel_size < 1:
+            errors.append(f"parallel.sequence_parallel_size={self.sequence_parallel_size} must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """A training (and evaluation) run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, errors: list[str]) -> None:
+        attn, train = self.attention, self.train
+        if attn.implementation == "s2attn" and attn.group_size and attn.group_size > train.seq_len:
+            errors.append(
+                f"attention.group_size={attn.group_size} exceeds train.seq_len={train.seq_len}: "
+                "pick a group size <= seq_len (LongLoRA: seq_len / 4)"
+            )
+        sp = self.parallel.sequence_parallel_size
+        if sp > 1 and train.seq_len % sp:
+            errors.append(
+                f"train.seq_len={train.seq_len} is not a multiple of parallel.sequence_parallel_size={sp}: "
+                "pick a sequence length that divides evenly"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """The S²-Attn group size in tokens for train.seq_len (even, at least 2)."""
+        if self.attention.group_size:
+            return self.attention.group_size
+        g = int(self.train.seq_len * self.attention.group_size_ratio)
+        return max(2, g - g % 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machinery: build, override, validate, save
+# ----------------------------------------------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def load_config(cls: type[C], preset: str | os.PathLike | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults, then the YAML preset, then `section.key=value` overrides; validated; errors reported together."""
+    errors: list[str] = []
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        tree = _read_yaml(Path(preset))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            errors.append(f"override {item!r} is not key=value: write e.g. train.lr=1e-5")
+            continue
+        _set_dotted(tree, key.strip().split("."), _parse_scalar(raw))
+    config = _build(cls, tree, "", errors)
+    if not errors:
+        validate(config, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return config
+
+
+def from_dict(cls: type[C], tree: dict[str, Any]) -> C:
+    """Build and validate a config from a plain dict (e.g. a saved resolved config)."""
+    errors: list[str] = []
+    config = _build(cls, tree, "", errors)
+    if not errors:
+        validate(config, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return config
+
+
+def validate(config: Any, errors: list[str]) -> None:
+    """Run every section's `validate`, children first, then the root's cross-section checks."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, errors)
+    if hasattr(config, "validate"):
+        config.validate(errors)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) of every field: what `--help-config` prints."""
+    hints, docs, rows = typing.get_type_hints(cls), _field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            rows += [(f"{f.name}.{key}", default, doc) for key, default, doc in describe(hint)]
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: give the path of a YAML preset (see launch/presets/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}: fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (e.g. 'train: {{lr: 2e-5}}')")
+    return tree
+
+
+def _parse_scalar(raw: str) -> Any:
+    """A CLI value: parsed as YAML so that 1e-5, true, [a, b] and {k: v} work; a bare word stays a string."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.get(k)
+        if not isinstance(node, dict):
+            node = tree[k] = {}
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _build(cls: type, tree: Any, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(tree, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+        tree = {}
+    for key in tree:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f": did you mean {prefix}{near[0]}?" if near else f": valid keys are {', '.join(names)}"
+            errors.append(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in tree:
+            continue
+        hint = hints[name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, tree[name], f"{prefix}{name}.", errors)
+        else:
+            kwargs[name] = _coerce(tree[name], hint, f"{prefix}{name}", errors)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, errors)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            errors.append(f"{key}={value!r} must be a list, e.g. {key}=[a,b]")
+            return []
+        return [_coerce(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}={value!r} must be a mapping, e.g. {key}={{a: 1}}")
+            return {}
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}={value!r} must be true or false")
+        return False
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        errors.append(f"{key}={value!r} must be a whole number")
+        return 0
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        errors.append(f"{key}={value!r} must be a number, e.g. 2e-5")
+        return 0.0
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{key}={value!r} must be a string")
+        return ""
+    return value
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal right after each field) from the class source."""
+    import ast
+    import inspect
+
+    try:
+        node = ast.parse(inspect.getsource(cls)).body[0]
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = getattr(node, "body", [])
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[stmt.target.id] = str(nxt.value.value).strip()
+    return docs

@@ -1,0 +1,611 @@
+"""Evaluation of a context-extended model: perplexity against context length, passkey retrieval, and their plots.
+
+Evaluation always uses dense causal attention (PyTorch SDPA), whatever the model was trained with, in bfloat16 on a
+GPU and float32 on CPU. When torch.distributed is initialised (e.g. under the `deepspeed` launcher) every rank
+scores a disjoint share of the work and the sums are all-reduced, so N ranks give the result of one rank; rank 0
+prints and writes the outputs.
+
+Perplexity rule (sliding window with stride S, see `perplexity`): every token of a held-out stream except its
+first is scored exactly once; tokens past the first window see at least L - S + 1 tokens of context.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx.errors import UserError
+from longctx.model import EVAL_ATTENTION
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
+    """`NAME=PATH` or `PATH` (named after the directory) → {name: path}, in the order given."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if not name or not path:
+            raise UserError(f"--model {spec!r} is not NAME=PATH or PATH: write e.g. --model base=runs/base")
+        if name in models:
+            raise UserError(f"--model name {name!r} is given twice: name each model once, e.g. --model a=DIR1 b=DIR2")
+        models[name] = path
+    return models
+
+
+def eval_device() -> torch.device:
+    """This rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_eval_model(path: str | os.PathLike, device: torch.device | None = None):
+    """A model ready for evaluation: dense SDPA attention, eval mode, bfloat16 on GPU / float32 on CPU.
+
+    `path` is a plain Hugging Face model directory (config.json; loaded with trust_remote_code off), a longctx
+    training checkpoint (checkpoints/step_N, holding the resolved config.yaml; loaded by
+    `longctx.checkpoint.load_trained_model`), or a training output directory (its newest complete checkpoint).
+    """
+    from longctx import checkpoint
+
+    device = device or eval_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserError(
+            f"model {path} is not a directory: give a Hugging Face model directory or a training checkpoint"
+        )
+    if (model_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
+        found = checkpoint.complete_checkpoints(model_dir)
+        if not found:
+            raise UserError(f"training run {path} has no complete checkpoint yet: train longer or pick another model")
+        model_dir = found[-1]
+    if (model_dir / "config.yaml").is_file():
+        model, _ = checkpoint.load_trained_model(model_dir)
+        model.set_attn_implementation(EVAL_ATTENTION)
+    elif (model_dir / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, attn_implementation=EVAL_ATTENTION, trust_remote_code=False
+            )
+        except (OSError, ValueError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model {path} cannot be loaded ({first_line}): check the directory's files") from None
+    else:
+        raise UserError(
+            f"model {path} has neither config.json (Hugging Face model) nor config.yaml (longctx checkpoint): "
+            "point --model at one of those"
+        )
+    if not getattr(model, "is_quantized", False):
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def check_context_reach(model, context_lengths: Iterable[int], name: str = "model") -> None:
+    """Refuse lengths beyond learned absolute position embeddings; warn (one line) beyond a RoPE model's context.
+
+    A RoPE model runs at any length (its quality collapses past what it was trained for, which is exactly what a
+    base-versus-extended comparison shows), so lengths past max_position_embeddings (or the scaled original context
+    of rope_parameters) are evaluated with a warning. A model with learned absolute positions (GPT-2's n_positions,
+    OPT's max_position_embeddings) has no embedding for a position past its table: that length is an error.
+    """
+    config = model.config
+    longest = max(context_lengths)
+    rope = getattr(config, "rope_parameters", None)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if rope:
+        reach = max_positions or 0
+        if rope.get("factor") and rope.get("original_max_position_embeddings"):
+            reach = max(reach, int(rope["original_max_position_embeddings"] * rope["factor"]))
+        if reach and longest > reach:
+            print(
+                f"longctx: warning: {name}: context length {longest} exceeds the {reach} positions it was trained "
+                "for; evaluating anyway (expect perplexity to rise)",
+                file=sys.stderr,
+            )
+    elif max_positions and longest > max_positions:
+        raise UserError(
+            f"{name} has learned position embeddings for {max_positions} positions and cannot reach context length "
+            f"{longest}: evaluate lengths <= {max_positions}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers: every rank takes a disjoint share of the work; sums are all-reduced
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _rank_and_world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def init_distributed_from_env() -> None:
+    """Join the process group a launcher (deepspeed, torchrun) set up through WORLD_SIZE / RANK / MASTER_ADDR."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(eval_device())
+        dist.init_process_group(backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Perplexity against context length
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass: tokens [start, start + L) of a stream predict [start + 1, start + L]; the last
+    `num_scored` of those predictions are scored."""
+
+    stream: int
+    start: int
+    num_scored: int
+
+
+def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int]]:
+    """(start, num_scored) of every window over a stream of `num_tokens` tokens; see `perplexity` for the rule."""
+    if num_tokens < context_length + 1:
+        raise UserError(
+            f"a held-out stream of {num_tokens} tokens is too short for context length {context_length} "
+            f"(it needs {context_length + 1}): evaluate shorter lengths or hold out more data"
+        )
+    windows = [(0, context_length)]
+    end = context_length  # input tokens [0, end) have been read; targets 1..end are scored
+    last_target = num_tokens - 1
+    while end < last_target:
+        new_end = min(end + stride, last_target)
+        windows.append((new_end - context_length, new_end - end))
+        end = new_end
+    return windows
+
+
+def perplexity(
+    model,
+    streams: Iterable[torch.Tensor],
+    context_lengths: Sequence[int],
+    *,
+    stride: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Perplexity of `model` on held-out token streams at each context length L, with a sliding window.
+
+    The rule: a window is L consecutive tokens of a stream fed to the model at positions 0..L-1; its logits predict
+    the L tokens that follow each of them. The first window of a stream (tokens 0..L-1) scores all its L predictions.
+    Each further window ends S tokens (the stride; default L) after the previous one, the last one ending at the
+    stream's end, and scores only the predictions not scored yet (at most S). So every token of a stream but its
+    first is scored exactly once, and every token after the first window is predicted from at least L - S + 1
+    tokens of context (S = L: non-overlapping windows; S = L/4: at least 3L/4 + 1). Each stream must hold at least
+    L + 1 tokens. Perplexity = exp(sum of negative log-likelihoods / number of scored tokens), over all streams.
+
+    Windows are batched `batch_size` at a time; under torch.distributed each rank scores every world_size-th window
+    and the sums are all-reduced, so the result does not depend on the number of ranks.
+    Returns {L: {"perplexity", "mean_nll", "num_tokens"}}.
+    """
+    from tqdm.auto import tqdm
+
+    streams = [torch.as_tensor(s, dtype=torch.long).flatten() for s in streams]
+    if not streams:
+        raise UserError("no held-out tokens to evaluate: give a non-empty validation shard directory")
+    if min(context_lengths) < 1:
+        raise UserError(f"context lengths {list(context_lengths)} must all be >= 1")
+    if stride is not None and not 1 <= stride <= min(context_lengths):
+        raise UserError(
+            f"stride {stride} must be between 1 and the shortest context length {min(context_lengths)}: "
+            "a larger stride would skip tokens"
+        )
+    rank, world_size = _rank_and_world()
+    device = next(model.parameters()).device
+    results = {}
+    for context_length in context_lengths:
+        windows = [
+            Window(i, start, num_scored)
+            for i, stream in enumerate(streams)
+            for start, num_scored in sliding_windows(len(stream), context_length, stride or context_length)
+        ]
+        my_windows = windows[rank::world_size]
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of NLL, number of scored tokens)
+        batches = range(0, len(my_windows), batch_size)
+        for first in tqdm(batches, desc=f"ppl L={context_length}", disable=not progress or rank != 0, leave=False):
+            batch = my_windows[first : first + batch_size]
+            sums += _score_windows(model, streams, batch, context_length, device)
+        _all_reduce_sum(sums)
+        nll_sum, num_tokens = sums.tolist()  # host sync: once per context length
+        assert num_tokens == sum(len(s) - 1 for s in streams), "sliding windows must score every token once"
+        results[context_length] = {
+            "perplexity": math.exp(nll_sum / num_tokens),
+            "mean_nll": nll_sum / num_tokens,
+            "num_tokens": int(num_tokens),
+        }
+    return results
+
+
+@torch.inference_mode()
+def _score_windows(model, streams, batch: list[Window], context_length: int, device) -> torch.Tensor:
+    """(sum of NLL, count) of the scored predictions of a batch of equally long windows."""
+    # (B, L + 1): the window's L input tokens followed by the token its last position predicts
+    chunks = torch.stack([streams[w.stream][w.start : w.start + context_length + 1] for w in batch]).to(device)
+    num_kept = max(w.num_scored for w in batch)
+    # Only the last num_kept positions' logits are needed: logits_to_keep saves a (B, L, vocab) tensor.
+    logits = model(input_ids=chunks[:, :-1], logits_to_keep=num_kept).logits  # (B, num_kept, vocab)
+    targets = chunks[:, -num_kept:]  # (B, num_kept)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, num_kept)
+    # A window scores only its last num_scored predictions (the others were scored by an earlier window).
+    offsets = torch.arange(num_kept, device=device)
+    scored = offsets[None, :] >= torch.tensor([num_kept - w.num_scored for w in batch], device=device)[:, None]
+    return torch.stack([(nll * scored).sum(dtype=torch.float64), scored.sum().to(torch.float64)])
+
+
+def load_heldout_stream(shard_dir: str | os.PathLike, max_tokens: int = 0) -> torch.Tensor:
+    """The held-out split as ONE token stream: its packed sequences concatenated in order, padding dropped.
+
+    Packing cut a stream of documents into fixed-length sequences, so concatenating them in order restores that
+    stream (documents stay separated by their BOS/EOS tokens) and any context length up to the split's size can be
+    evaluated, whatever seq_len the shards were packed with. `max_tokens` > 0 keeps only the first max_tokens.
+    """
+    from longctx.shards import open_shards
+
+    shards = open_shards(shard_dir)
+    pieces, num_tokens = [], 0
+    for index in range(len(shards)):
+        item = shards[index]
+        tokens = torch.as_tensor(item["input_ids"], dtype=torch.long)
+        if "labels" in item:
+            tokens = tokens[torch.as_tensor(item["labels"]) != -100]
+        pieces.append(tokens)
+        num_tokens += len(tokens)
+        if max_tokens and num_tokens >= max_tokens:
+            break
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return stream[:max_tokens] if max_tokens else stream
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Passkey retrieval (LongLoRA / landmark attention)
+# ----------------------------------------------------------------------------------------------------------------
+
+PASSKEY_TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_DIGITS = 5
+
+
+def passkey_line(passkey: str) -> str:
+    return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+
+
+@dataclass
+class PasskeyPrompt:
+    token_ids: list[int]
+    """Exactly the asked number of tokens: BOS, task, filler, the key line at the asked depth, filler, question."""
+    passkey: str
+    key_position: int
+    """Index of the key line's first token in token_ids."""
+
+
+def passkey_prompt(tokenizer, context_length: int, depth: float, passkey: str) -> PasskeyPrompt:
+    """A prompt of exactly `context_length` tokens with the passkey line at `depth` of the filler.
+
+    depth 0 puts the key line right after the task, depth 1 right before the question; in between, that fraction
+    of the filler tokens comes before it (rounded to whole filler sentences). Pieces are tokenized separately and
+    concatenated, so lengths are exact for any tokenizer.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise UserError(f"passkey depth {depth} is outside [0, 1]: 0 is the start of the text, 1 its end")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+    head = bos + tokenizer.encode(PASSKEY_TASK)
+    key_line = tokenizer.encode(passkey_line(passkey))
+    question = tokenizer.encode(PASSKEY_QUESTION)
+    filler_unit = tokenizer.encode(PASSKEY_FILLER)
+    num_filler = context_length - len(head) - len(key_line) - len(question)
+    if num_filler < len(filler_unit):
+        shortest = context_length - num_filler + len(filler_unit)
+        raise UserError(f"passkey length {context_length} is too short for the prompt: use lengths >= {shortest}")
+    filler = (filler_unit * (num_filler // len(filler_unit) + 1))[:num_filler]
+    num_before = min(round(depth * num_filler / len(filler_unit)) * len(filler_unit), num_filler)
+    token_ids = head + filler[:num_before] + key_line + filler[num_before:] + question
+    return PasskeyPrompt(token_ids, passkey, key_position=len(head) + num_before)
+
+
+def greedy_generator(model) -> Callable[[list[int], int], list[int]]:
+    """generate(prompt_ids, max_new_tokens) → new token ids, by greedy decoding with the model's KV cache."""
+    device = next(model.parameters()).device
+    eos = model.config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    @torch.inference_mode()
+    def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        input_ids = torch.tensor([prompt_ids], device=device)
+        output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        new_ids: list[int] = []
+        for _ in range(max_new_tokens):
+            next_id = int(output.logits[0, -1].argmax())  # host sync: one per generated token
+            if next_id in eos_ids:
+                break
+            new_ids.append(next_id)
+            next_input = torch.tensor([[next_id]], device=device)
+            output = model(input_ids=next_input, past_key_values=output.past_key_values, use_cache=True)
+        return new_ids
+
+    return generate
+
+
+def extract_passkey(text: str) -> str:
+    """The first number in a generated answer ('' when there is none)."""
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else ""
+
+
+def passkey_accuracy(
+    generate: Callable[[list[int], int], list[int]],
+    tokenizer,
+    context_lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    num_trials: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Exact-match accuracy of passkey retrieval per (context length, depth), over `num_trials` random keys each.
+
+    Keys are random 5-digit numbers from `seed` (the same keys for every model). The answer is greedily decoded
+    and its first number must equal the key. Under torch.distributed the trials are spread over the ranks and the
+    counts all-reduced. Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length]}.
+    """
+    from tqdm.auto import tqdm
+
+    if num_trials < 1:
+        raise UserError(f"--trials {num_trials} must be >= 1")
+    rng = random.Random(seed)
+    tasks = [
+        (i, j, str(rng.randrange(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS)))
+        for i in range(len(context_lengths))
+        for j in range(len(depths))
+        for _ in range(num_trials)
+    ]
+    # Every prompt is built (cheap) before any generation so that a too-short length fails at once.
+    prompts = [passkey_prompt(tokenizer, context_lengths[i], depths[j], key) for i, j, key in tasks]
+    max_new_tokens = len(tokenizer.encode(" " + "9" * PASSKEY_DIGITS + ".")) + 2
+    rank, world_size = _rank_and_world()
+    correct = torch.zeros(len(context_lengths), len(depths), dtype=torch.float64)
+    for index in tqdm(range(rank, len(tasks), world_size), desc="passkey", disable=not progress or rank != 0):
+        i, j, key = tasks[index]
+        answer = tokenizer.decode(generate(prompts[index].token_ids, max_new_tokens))
+        correct[i, j] += extract_passkey(answer) == key
+    if world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        correct = _all_reduce_sum(correct.to(device)).cpu()
+    return {
+        "lengths": list(context_lengths),
+        "depths": list(depths),
+        "trials": num_trials,
+        "accuracy": (correct / num_trials).tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: table, JSON, plots (all files written atomically)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_perplexity(results: dict[str, dict[int, float]], path: str | os.PathLike, title: str = "") -> None:
+    """PNG of perplexity against context length, one line per model: results = {model name: {L: perplexity}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, by_length in results.items():
+        lengths = sorted(int(length) for length in by_length)
+        ax.plot(lengths, [by_length[length] for length in lengths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "Perplexity against context length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_passkey(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> None:
+    """Heat map of passkey accuracy: depth (rows) against context length (columns), from `passkey_accuracy`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = torch.tensor(result["accuracy"]).T  # (depths, lengths)
+    fig, ax = plt.subplots(figsize=(1.2 * len(result["lengths"]) + 2.5, 0.6 * len(result["depths"]) + 1.8))
+    image = ax.imshow(accuracy.numpy(), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(result["lengths"])), [str(length) for length in result["lengths"]])
+    ax.set_yticks(range(len(result["depths"])), [f"{depth:g}" for depth in result["depths"]])
+    for (row, col), value in zip(
+        [(r, c) for r in range(accuracy.shape[0]) for c in range(accuracy.shape[1])], accuracy.flatten().tolist()
+    ):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth of the key")
+    ax.set_title(title or f"Passkey retrieval ({result['trials']} trials per cell)")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def format_perplexity_table(results: dict[str, dict[int, dict[str, float]]]) -> str:
+    """Models as rows, context lengths as columns."""
+    lengths = sorted({length for by_length in results.values() for length in by_length})
+    name_width = max(len("model"), *(len(name) for name in results))
+    lines = ["model".ljust(name_width) + "".join(f"{length:>12}" for length in lengths)]
+    for name, by_length in results.items():
+        cells = "".join(f"{by_length[length]['perplexity']:>12.3f}" for length in lengths)
+        lines.append(name.ljust(name_width) + cells)
+    return "\n".join(lines)
+
+
+def format_passkey_table(name: str, result: dict[str, Any]) -> str:
+    """Depths as rows, context lengths as columns."""
+    lines = [f"{name}: passkey accuracy (depth \\ length)", "depth" + "".join(f"{n:>10}" for n in result["lengths"])]
+    for j, depth in enumerate(result["depths"]):
+        lines.append(f"{depth:<5g}" + "".join(f"{row[j]:>10.2f}" for row in result["accuracy"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands (called by `longctx eval ppl` / `longctx eval passkey`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 256,512,1024") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{what} {text!r} must list positive numbers, e.g. 256,512,1024")
+    return values
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r} must be comma-separated numbers, e.g. 0,0.25,0.5,0.75,1") from None
+    if not values:
+        raise UserError(f"{what} is empty: give e.g. 0,0.25,0.5,0.75,1")
+    return values
+
+
+def _prepare_out_dir(out: str) -> Path:
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory for the results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def run_ppl(args) -> int:
+    """`longctx eval ppl`: table on stdout, perplexity.json and perplexity.png in --out."""
+    models = parse_model_specs(args.model)
+    lengths = parse_int_list(args.lengths, "--lengths")
+    if args.stride is not None and not 1 <= args.stride <= min(lengths):
+        raise UserError(f"--stride {args.stride} must be between 1 and the shortest length {min(lengths)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    if not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data} is not a directory: give held-out shards, e.g. <prep out>/val")
+    init_distributed_from_env()
+    rank, _ = _rank_and_world()
+    out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)
+    stream = load_heldout_stream(args.data, args.max_tokens)
+    if len(stream) < max(lengths) + 1:
+        raise UserError(
+            f"the held-out data in {args.data} has {len(stream)} tokens, fewer than the longest length "
+            f"{max(lengths)} + 1: evaluate shorter lengths or hold out more data (prep.val_fraction)"
+        )
+    results = {}
+    for name, path in models.items():
+        model = load_eval_model(path)
+        check_context_reach(model, lengths, name)
+        results[name] = perplexity(
+            model, [stream], lengths, stride=args.stride, batch_size=args.batch_size, progress=True
+        )
+        del model
+    if rank == 0:
+        report = {
+            "data": str(args.data),
+            "num_stream_tokens": len(stream),
+            "stride": args.stride or "context length",
+            "lengths": lengths,
+            "models": {name: {"path": models[name], "results": results[name]} for name in models},
+        }
+        write_json(report, out_dir / "perplexity.json")
+        plot_perplexity(
+            {name: {length: r["perplexity"] for length, r in by_length.items()} for name, by_length in results.items()},
+            out_dir / "perplexity.png",
+        )
+        print(format_perplexity_table(results))
+        print(f"scored {len(stream) - 1} tokens per length; wrote {out_dir / 'perplexity.json'}, perplexity.png")
+    return 0
+
+
+def run_passkey(args) -> int:
+    """`longctx eval passkey`: accuracy tables on stdout, passkey.json and one heat map per model in --out."""
+    models = parse_model_specs(args.model)
+    lengths = parse_int_list(args.lengths, "--lengths")
+    depths = parse_float_list(args.depths, "--depths")
+    if any(not 0 <= d <= 1 for d in depths):
+        raise UserError(f"--depths {args.depths} must lie in [0, 1]: 0 is the start of the text, 1 its end")
+    if args.trials < 1:
+        raise UserError(f"--trials {args.trials} must be >= 1")
+    tokenizer_path = args.tokenizer or next(iter(models.values()))
+    from data_prep.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    init_distributed_from_env()
+    rank, _ = _rank_and_world()
+    out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)
+    results = {}
+    for name, path in models.items():
+        model = load_eval_model(path)
+        check_context_reach(model, lengths, name)
+        results[name] = passkey_accuracy(
+            greedy_generator(model), tokenizer, lengths, depths, num_trials=args.trials, seed=args.seed, progress=True
+        )
+        del model
+    if rank == 0:
+        write_json(
+            {"seed": args.seed, "models": {n: {"path": models[n], **r} for n, r in results.items()}},
+            out_dir / "passkey.json",
+        )
+        for name, result in results.items():
+            plot_passkey(result, out_dir / f"passkey_{name}.png", title=f"{name}: passkey retrieval")
+            print(format_passkey_table(name, result))
+        print(f"wrote {out_dir / 'passkey.json'} and a heat map per model")
+    return 0

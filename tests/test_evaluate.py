@@ -162,7 +162,9 @@ def test_rope_model_past_its_context_warns_but_runs(capsys):
 def test_learned_positions_cannot_reach_past_their_table():
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1, eos_token_id=2
+    )
     gpt2 = AutoModelForCausalLM.from_config(config)
     check_context_reach(gpt2, [16], "gpt2")
     with pytest.raises(UserError, match="learned position embeddings for 16 positions.*evaluate lengths <= 16"):

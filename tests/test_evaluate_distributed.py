@@ -1,0 +1,75 @@
+"""Evaluation spread over 2 ranks (gloo, CPU) gives what one rank gives: perplexity sums and passkey counts."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_evaluate import ByteTokenizer, tiny_llama
+
+from longctx.evaluate import extract_passkey, passkey_accuracy, perplexity
+
+LENGTHS = [8, 16]
+STRIDE = 6
+PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_TRIALS = [400, 500], [0.0, 0.5, 1.0], 3
+
+
+def streams():
+    # 13 and 9 windows at L=8: an odd count, so the two ranks get unequal shares.
+    return [torch.randint(3, 259, (n,), generator=torch.Generator().manual_seed(n)) for n in (80, 57)]
+
+
+def half_right_generator(tokenizer):
+    """Answers the key when its last digit is even, a wrong number otherwise: accuracies between 0 and 1."""
+
+    def generate(prompt_ids, max_new_tokens):
+        key = extract_passkey(tokenizer.decode(prompt_ids).split("The pass key is ")[1])
+        return tokenizer.encode(f" {key if int(key[-1]) % 2 == 0 else '11111'}.")
+
+    return generate
+
+
+def evaluate_all():
+    tokenizer = ByteTokenizer()
+    return {
+        "ppl": perplexity(tiny_llama(), streams(), LENGTHS, stride=STRIDE, batch_size=2),
+        "passkey": passkey_accuracy(
+            half_right_generator(tokenizer), tokenizer, PASSKEY_LENGTHS, PASSKEY_DEPTHS, num_trials=PASSKEY_TRIALS
+        ),
+    }
+
+
+def _worker(rank, world_size, port, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results = evaluate_all()
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_rank(tmp_path):
+    out_file = tmp_path / "two_ranks.json"
+    mp.spawn(_worker, args=(2, _free_port(), str(out_file)), nprocs=2, join=True)
+    two_ranks = json.loads(out_file.read_text())
+    one_rank = json.loads(json.dumps(evaluate_all()))  # same key types (str) as the file
+    for length in map(str, LENGTHS):
+        assert two_ranks["ppl"][length]["num_tokens"] == one_rank["ppl"][length]["num_tokens"] == 79 + 56
+        assert two_ranks["ppl"][length]["mean_nll"] == pytest.approx(one_rank["ppl"][length]["mean_nll"], rel=1e-6)
+    assert two_ranks["passkey"] == one_rank["passkey"]
+    accuracies = [a for row in one_rank["passkey"]["accuracy"] for a in row]
+    assert 0 < sum(accuracies) < len(accuracies)  # a mix of right and wrong answers, so the reduction is exercised

@@ -1,0 +1,202 @@
+"""Checkpoints of a training run: save, find the newest complete one, resume, and load the trained model.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000100/                DeepSpeed checkpoint (engine.save_checkpoint, any ZeRO stage)
+        zero_pp_rank_*_...pt      model / optimizer partitions, one set per rank
+        trainer_state_rank*.pt    per rank: sampler state, RNG states
+        config.yaml               the resolved RunConfig
+        ds_config.json            the resolved DeepSpeed JSON
+        COMPLETE                  written last; a directory without it is never resumed from
+
+Everything is first written to `step_N.tmp/`; rank 0 writes COMPLETE and renames the directory once every rank
+has finished, so an interrupted write (kill -9, node failure) leaves only a `.tmp` directory that is ignored and
+cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from longctx.config import RunConfig, from_dict, save_config
+from longctx.errors import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a directory counts only with its COMPLETE marker)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
+    """The checkpoint train.resume asks for: auto = newest complete one in output_dir (or None), none, or a path."""
+    resume = cfg.train.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(cfg.train.output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(
+            f"train.resume={resume} is not a complete checkpoint (no {COMPLETE_MARKER} marker): "
+            "give a checkpoints/step_N directory of a finished save, or train.resume=auto"
+        )
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / COMPLETE_MARKER).read_text())["step"])
+
+
+def save_checkpoint(
+    engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], trainer_state: dict[str, Any]
+) -> Path:
+    """Collective: every rank calls it. Writes step_N.tmp, then rank 0 marks it COMPLETE and renames it."""
+    root = Path(cfg.train.output_dir) / CHECKPOINTS_DIR
+    name = step_dir_name(step)
+    tmp_tag = name + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # leftovers of an interrupted save of the same step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    state = {**trainer_state, "rng": _rng_state()}
+    torch.save(state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
+    dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if rank == 0:
+        _finalize(root / tmp_tag, root / name, step, cfg, ds_config)
+    dist.barrier()
+    return root / name
+
+
+def _finalize(tmp_dir: Path, final_dir: Path, step: int, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    save_config(cfg, tmp_dir / "config.yaml")
+    _write_atomic(tmp_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    _write_atomic(tmp_dir / COMPLETE_MARKER, json.dumps({"step": step}))
+    if final_dir.exists():  # a complete checkpoint of the same step from an earlier run: replace it
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
+    """Rank 0: delete all but the newest keep_last complete checkpoints, and any interrupted `.tmp` saves."""
+    found = complete_checkpoints(output_dir)
+    for old in found[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in (Path(output_dir) / CHECKPOINTS_DIR).glob("step_*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path) -> dict[str, Any]:
+    """Collective: restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    state_file = path / f"trainer_state_rank{dist.get_rank()}.pt"
+    if not state_file.is_file():
+        raise UserError(
+            f"checkpoint {path} has no {state_file.name}: it was written by a different number of ranks; "
+            "resume with the same world size (or start fresh with train.resume=none)"
+        )
+    state = torch.load(state_file, weights_only=True)
+    _set_rng_state(state.pop("rng"))
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """The resolved RunConfig saved with a checkpoint."""
+    config_file = Path(path) / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.yaml: give a checkpoints/step_N directory written by longctx train")
+    return from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
+
+
+def load_trained_model(ckpt_dir: str | os.PathLike) -> tuple[torch.nn.Module, RunConfig]:
+    """The trained model of a checkpoint (any ZeRO stage, any rank count) on CPU, in eval mode, LoRA merged.
+
+    Attention is dense (evaluation never uses S²-Attn); RoPE scaling is that of the run.
+    """
+    import dataclasses
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from longctx.model import EVAL_ATTENTION, build_model
+
+    path = Path(ckpt_dir)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): pick a checkpoints/step_N")
+    cfg = load_run_config(path)
+    # Rebuild the training structure (peft wrapper included) with dense attention, so that names match.
+    dense_cfg = dataclasses.replace(
+        cfg,
+        attention=dataclasses.replace(cfg.attention, implementation=EVAL_ATTENTION),
+        model=dataclasses.replace(cfg.model, activation_checkpointing=False),
+    )
+    model = build_model(dense_cfg, for_training=True)
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+    if unexpected or set(missing) - tied:
+        raise UserError(
+            f"checkpoint {path} does not match its own config (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}): it was written by an incompatible longctx version"
+        )
+    if cfg.lora.enabled:
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    return model.eval(), cfg
+
+
+def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Save a checkpoint's trained model (LoRA merged, RoPE scaling in config.json) as a HF directory, atomically."""
+    model, _ = load_trained_model(ckpt_dir)
+    model.config.use_cache = True
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

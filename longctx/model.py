@@ -1,0 +1,200 @@
+"""Build the model a run trains: base weights, RoPE scaling, attention choice, and what is trainable.
+
+The base comes from a local Hugging Face directory (`model.path`) or from a config with random weights
+(`model.init`, seeded by train.seed). Position interpolation is written into `config.rope_parameters` (the
+transformers-5 field; rope_theta is kept). Training attention is selected through transformers' own
+`attn_implementation` hook; S²-Attn is registered by `longctx.attention`. LoRA comes from peft; embeddings and
+norms are made trainable in place (as LongLoRA does), so their parameter names stay those of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longctx.config import RunConfig
+from longctx.errors import UserError
+
+# Dense attention used for evaluation and whenever a model is loaded for inference.
+EVAL_ATTENTION = "sdpa"
+
+
+def resolve_dtype(cfg: RunConfig) -> torch.dtype:
+    """model.dtype, with auto meaning bfloat16 on GPU and float32 on CPU."""
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.model.dtype)
+
+
+def load_hf_config(cfg: RunConfig):
+    """The base model's Hugging Face config, before any scaling: from model.path or model.init."""
+    from transformers import AutoConfig
+
+    if not cfg.model.init:
+        return AutoConfig.from_pretrained(
+            _checked_model_dir(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    init = dict(cfg.model.init)
+    try:
+        return AutoConfig.for_model(init.pop("model_type"), **init)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model.init is not a valid Hugging Face config ({e}): fix the model.init fields") from None
+
+
+def _checked_model_dir(path: str) -> Path:
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserError(f"model.path={path} is not a directory: give a local Hugging Face model directory")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model.path={path} has no config.json: point it at a Hugging Face model directory")
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"model.path={path}: config.json is corrupt ({e}): re-download or re-export the model"
+        ) from None
+    return model_dir
+
+
+def apply_rope_scaling(hf_config, cfg: RunConfig) -> None:
+    """Write position interpolation (linear / dynamic NTK / YaRN) into hf_config.rope_parameters.
+
+    factor = rope.factor, or train.seq_len / the base context; max_position_embeddings grows to the new context.
+    """
+    if cfg.rope.type == "none":
+        return
+    original_context = cfg.rope.original_context or hf_config.max_position_embeddings
+    factor = cfg.rope.factor or cfg.train.seq_len / original_context
+    if factor <= 1.0:
+        return  # the base context already covers train.seq_len: nothing to interpolate
+    rope_parameters = dict(hf_config.rope_parameters or {"rope_theta": getattr(hf_config, "rope_theta", 10000.0)})
+    rope_parameters.update(rope_type=cfg.rope.type, factor=float(factor))
+    if cfg.rope.type in ("dynamic", "yarn"):
+        rope_parameters["original_max_position_embeddings"] = original_context
+    hf_config.rope_parameters = rope_parameters
+    hf_config.max_position_embeddings = int(round(original_context * factor))
+
+
+def _training_attention(cfg: RunConfig, hf_config) -> str:
+    """Register S²-Attn when asked and return the attn_implementation name for training."""
+    implementation = cfg.attention.implementation
+    if implementation == "flash":
+        return "flash_attention_2"
+    if implementation != "s2attn":
+        return implementation
+    heads = hf_config.num_attention_heads
+    if heads % 2:
+        raise UserError(f"S²-Attn shifts half of the heads but the model has {heads} heads: use an even head count")
+    group_size = cfg.group_size
+    if cfg.train.seq_len % group_size:
+        raise UserError(
+            f"train.seq_len={cfg.train.seq_len} is not a multiple of the S²-Attn group size {group_size}: "
+            "pick attention.group_size (or group_size_ratio) so that it divides the sequence length"
+        )
+    from longctx import attention
+
+    attention.register(name="s2attn")
+    return "s2attn"
+
+
+def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
+    """The model of a run: base weights + RoPE scaling + attention; for training also LoRA and trainable parts.
+
+    for_training=False gives the plain scaled base (dense attention, nothing trainable) on which a checkpoint's
+    weights are loaded, see `longctx.checkpoint.load_trained_model`.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    hf_config = load_hf_config(cfg)
+    apply_rope_scaling(hf_config, cfg)
+    hf_config.use_cache = False
+    attn_implementation = _training_attention(cfg, hf_config) if for_training else EVAL_ATTENTION
+    dtype = resolve_dtype(cfg)
+    if cfg.model.init:
+        torch.manual_seed(cfg.train.seed)  # every rank builds the same random weights
+        model = AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model.path,
+                config=hf_config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"model.path={cfg.model.path} could not be loaded ({first_line}): "
+                "check that the directory holds a complete Hugging Face model (config.json + weights)"
+            ) from None
+    if cfg.attention.implementation == "s2attn" and for_training:
+        from longctx import attention
+
+        attention.configure(model, group_size=cfg.group_size, backend=cfg.attention.backend)
+    if not for_training:
+        model.requires_grad_(False)
+        return model.eval()
+    if cfg.model.activation_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora.enabled:
+        model.requires_grad_(True)
+        return model.train()
+    return add_lora(model, cfg).train()
+
+
+def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Wrap in peft LoRA on lora.target_modules, then make lora.trainable parts (embed, norm, lm_head) trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise UserError(
+            f"lora.target_modules={lora.target_modules} do not fit this model ({e}): fix the names"
+        ) from None
+    for module in trainable_modules(model, lora.trainable):
+        module.requires_grad_(True)
+    return peft_model
+
+
+def trainable_modules(model: nn.Module, parts: list[str]) -> list[nn.Module]:
+    """The modules trained in full next to LoRA: input embeddings, every norm layer, the output head."""
+    modules: list[nn.Module] = []
+    if "embed" in parts:
+        modules.append(model.get_input_embeddings())
+    if "norm" in parts:
+        modules += [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    if "lm_head" in parts and model.get_output_embeddings() is not None:
+        modules.append(model.get_output_embeddings())
+    return modules
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. Under ZeRO-3 use `ds_numel`, the full size of a partitioned tensor."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

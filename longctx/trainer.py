@@ -1,0 +1,366 @@
+"""The training loop on the DeepSpeed engine: build → resume → step → log → checkpoint → final model.
+
+Works under `deepspeed --num_gpus N --module longctx.cli train ...` (any ZeRO stage, GPU or CPU/gloo) and as a
+plain single process (`longctx train ...`), where a 1-rank process group is set up here.
+
+The loss of a step is the mean over every label token of the global batch: each micro batch contributes its sum
+of token losses divided by the number of label tokens in the whole global batch (all ranks, all accumulation
+steps), so sequences with padding or short documents weigh what their tokens weigh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx import checkpoint
+from longctx.config import RunConfig, save_config
+from longctx.errors import UserError
+from longctx.model import build_model, count_parameters, resolve_dtype
+
+IGNORE_INDEX = -100
+
+OOM_MESSAGE = (
+    "out of memory at train.seq_len={seq_len}, train.micro_batch_size={micro}: the most effective knobs are "
+    "deepspeed.config=ds_configs/stage3_offload.json (ZeRO-3 with CPU offload), a smaller train.micro_batch_size "
+    "(with more gradient accumulation), model.activation_checkpointing=true, and "
+    "parallel.sequence_parallel_size > 1 (sequence parallelism)"
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: "auto" values are filled from the run config; hard-coded values must agree with it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The final DeepSpeed config dict of this run on world_size ranks; contradictions are one-line UserErrors."""
+    path = Path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise UserError(f"deepspeed.config={path} does not exist: use ds_configs/stage2.json, stage3.json or your own")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed.config={path} is not valid JSON (line {e.lineno}): fix its syntax") from None
+    train = cfg.train
+    sequence_parallel = cfg.parallel.sequence_parallel_size
+    if world_size % sequence_parallel:
+        raise UserError(
+            f"world size {world_size} is not a multiple of parallel.sequence_parallel_size={sequence_parallel}: "
+            "launch a multiple of it"
+        )
+    data_parallel = world_size // sequence_parallel
+    micro, accum, global_batch = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
+    if not accum and not global_batch:
+        accum = 1
+    if not accum:
+        if global_batch % (micro * data_parallel):
+            raise UserError(
+                f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro} × "
+                f"{data_parallel} data-parallel ranks: change the global batch or the micro batch"
+            )
+        accum = global_batch // (micro * data_parallel)
+    if not global_batch:
+        global_batch = micro * accum * data_parallel
+    if global_batch != micro * accum * data_parallel:
+        raise UserError(
+            f"train.global_batch_size={global_batch} != train.micro_batch_size={micro} × "
+            f"train.gradient_accumulation_steps={accum} × {data_parallel} data-parallel ranks: "
+            "set train.gradient_accumulation_steps=0 to derive it, or fix one of the three"
+        )
+    dtype = resolve_dtype(cfg)
+    owned = {
+        ("train_batch_size",): (global_batch, "train.global_batch_size"),
+        ("train_micro_batch_size_per_gpu",): (micro, "train.micro_batch_size"),
+        ("gradient_accumulation_steps",): (accum, "train.gradient_accumulation_steps"),
+        ("gradient_clipping",): (train.grad_clip, "train.grad_clip"),
+        ("bf16", "enabled"): (dtype == torch.bfloat16, "model.dtype"),
+        ("fp16", "enabled"): (dtype == torch.float16, "model.dtype"),
+    }
+    if "optimizer" in ds:
+        owned |= {
+            ("optimizer", "params", "lr"): (train.lr, "train.lr"),
+            ("optimizer", "params", "betas"): (list(train.adam_betas), "train.adam_betas"),
+            ("optimizer", "params", "weight_decay"): (train.weight_decay, "train.weight_decay"),
+        }
+    if "scheduler" in ds:
+        raise UserError(
+            f"deepspeed.config={path} has a scheduler section, but the run owns the schedule "
+            "(train.warmup_steps, train.schedule): remove the scheduler section"
+        )
+    for keys, (value, owner) in owned.items():
+        node = ds
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and current != value:
+            raise UserError(
+                f"deepspeed.config={path} hard-codes {'.'.join(keys)}={current} but the run has {value} "
+                f'(from {owner}): set it to "auto" in the JSON, or change {owner}'
+            )
+        node[keys[-1]] = value
+    if dtype == torch.float16:
+        ds["fp16"].setdefault("initial_scale_power", 16)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a 1-rank group when started without a launcher."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for the 1-rank rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of train.lr at each optimizer step: linear warm-up, then constant or cosine decay."""
+    train = cfg.train
+
+    def multiplier(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.schedule == "constant":
+            return 1.0
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def load_train_dataset(cfg: RunConfig, hf_config):
+    from longctx.data import PackedDataset
+
+    if not cfg.data.train:
+        raise UserError("data.train is not set: give the directory of shards written by `longctx prep pack`")
+    return PackedDataset(
+        cfg.data.train,
+        seq_len=cfg.train.seq_len,
+        vocab_size=hf_config.vocab_size,
+        isolate_documents=cfg.attention.isolate_documents,
+    )
+
+
+def micro_batches(dataset, sampler, micro_batch_size: int):
+    """Endless stream of (B, N) micro batches in the sampler's order; the sampler's state says how far it got."""
+    while True:
+        indices: list[int] = []
+        for index in sampler:
+            indices.append(index)
+            if len(indices) == micro_batch_size:
+                items = [dataset[i] for i in indices]
+                yield {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+                indices = []
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the label tokens of a micro batch (float32)."""
+    logits = engine(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits  # (B, N, V)
+    shifted_logits = logits[:, :-1].float().flatten(0, 1)  # (B·(N-1), V)
+    shifted_labels = batch["labels"][:, 1:].flatten()  # (B·(N-1),)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train(cfg: RunConfig, *, dataset=None) -> dict[str, Any]:
+    """Run cfg to train.max_steps (resuming when asked); return the summary. `dataset` replaces data.train."""
+    try:
+        return _train(cfg, dataset)
+    except torch.OutOfMemoryError:
+        raise UserError(OOM_MESSAGE.format(seq_len=cfg.train.seq_len, micro=cfg.train.micro_batch_size)) from None
+
+
+def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
+    import deepspeed
+
+    from longctx.data import ResumableDistributedSampler
+
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if cfg.parallel.sequence_parallel_size > 1:
+        raise UserError("parallel.sequence_parallel_size > 1 is not supported by the trainer yet: set it to 1")
+    ds_config = resolve_deepspeed_config(cfg, world_size)
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    output_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    if dataset is None:
+        dataset = load_train_dataset(cfg, model.config)
+    sampler = ResumableDistributedSampler(len(dataset), num_replicas=world_size, rank=rank, seed=cfg.train.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:  # torch AdamW runs everywhere; a JSON optimizer (e.g. CPU Adam) wins
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
+        )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        config=ds_config,
+    )
+    num_trainable, num_total = count_parameters(engine.module)
+
+    step = 0
+    resume_from = checkpoint.find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(engine, resume_from)
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+    metrics = MetricsLog(output_dir, rank, resumed_at=step)
+    metrics.message(
+        f"training {num_trainable:,} of {num_total:,} parameters on {world_size} rank(s): "
+        f"global batch {ds_config['train_batch_size']} = {micro} × {accum} accumulation × {world_size}, "
+        f"seq_len {cfg.train.seq_len}" + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
+    )
+
+    batches = micro_batches(dataset, sampler, micro)
+    device = engine.device
+    start = time.perf_counter()
+    last_save = None
+    engine.train()
+    while step < cfg.train.max_steps:
+        step_start = time.perf_counter()
+        step_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+        label_tokens = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in step_batches]).sum()
+        label_tokens = label_tokens.to(torch.float64)
+        dist.all_reduce(label_tokens)  # host-device sync: the global token count weights every micro batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        lr = scheduler.get_last_lr()[0]
+        for batch in step_batches:
+            micro_loss_sum = token_loss_sum(engine, batch)
+            # DeepSpeed averages gradients over the data-parallel ranks: × world_size turns that into a sum.
+            engine.backward(micro_loss_sum * world_size / label_tokens, scale_wrt_gas=False)
+            engine.step()
+            loss_sum += micro_loss_sum.detach()
+        dist.all_reduce(loss_sum)
+        step += 1
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - start
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            metrics.log(
+                step=step,
+                loss=(loss_sum / label_tokens).item(),  # host-device sync
+                lr=lr,
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                tokens_per_s=label_tokens.item() / (time.perf_counter() - step_start),
+                elapsed_s=elapsed,
+                memory_gb=peak_memory_gb(),
+            )
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
+            last_save = save(engine, step, cfg, ds_config, sampler)
+    if last_save is None:  # resumed at max_steps: nothing left to train
+        last_save = checkpoint.complete_checkpoints(cfg.train.output_dir)[-1]
+
+    final_dir = output_dir / "final"
+    if rank == 0:
+        checkpoint.write_final_model(last_save, final_dir)
+    dist.barrier()
+    summary = metrics.close(checkpoint=str(last_save), final_model=str(final_dir))
+    return summary
+
+
+def save(engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], sampler) -> Path:
+    path = checkpoint.save_checkpoint(engine, step, cfg, ds_config, {"step": step, "sampler": sampler.state_dict()})
+    if dist.get_rank() == 0:
+        checkpoint.prune_checkpoints(cfg.train.output_dir, cfg.train.keep_last)
+    return path
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory of this rank, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class MetricsLog:
+    """Rank 0's step log: one dense printed line, a JSONL line and TensorBoard scalars per step; a tqdm bar."""
+
+    def __init__(self, output_dir: Path, rank: int, resumed_at: int):
+        self.enabled = rank == 0
+        self.last: dict[str, Any] = {}
+        self.start_step = resumed_at
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.path = output_dir / "metrics.jsonl"
+        _truncate_metrics(self.path, resumed_at)  # lines past the checkpoint belong to the interrupted run
+        self.file = self.path.open("a")
+        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        self.bar = tqdm(initial=resumed_at, total=None, unit="step", dynamic_ncols=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def log(self, **values: Any) -> None:
+        self.last = values
+        if not self.enabled:
+            return
+        v = values
+        self.bar.write(
+            f"step {v['step']:>6} | loss {v['loss']:.4f} | lr {v['lr']:.2e} | grad norm {v['grad_norm']:.3f} | "
+            f"{v['tokens_per_s']:,.0f} tok/s | {v['elapsed_s']:.1f}s | mem {v['memory_gb']:.2f} GB"
+        )
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            if key != "step":
+                self.tensorboard.add_scalar(f"train/{key}", value, v["step"])
+        self.bar.update(v["step"] - self.bar.n)
+
+    def close(self, **extra: Any) -> dict[str, Any]:
+        summary = {**self.last, **extra}
+        if self.enabled:
+            self.bar.close()
+            self.tensorboard.close()
+            self.file.close()
+            print(
+                f"done: step {summary.get('step')} | final loss {summary.get('loss', float('nan')):.4f} | "
+                f"{summary.get('elapsed_s', 0.0):.1f}s | checkpoint {extra['checkpoint']} | "
+                f"model {extra['final_model']}",
+                flush=True,
+            )
+        return summary
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -44,7 +44,11 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
         if not name or not path:
             raise UserError(f"--model {spec!r} is not NAME=PATH or PATH: write e.g. --model base=runs/base")
         if name in models:
-            raise UserError(f"--model name {name!r} is given twice: name each model once, e.g. --model a=DIR1 b=DIR2")
+            raise UserError(
+                f"--model name {name!r} is given twice: name each model once (--model a=DIR1 --model b=DIR2)"
+            )
+        if not Path(path).is_dir():
+            raise UserError(f"model {path} is not a directory: give a Hugging Face model directory or a checkpoint")
         models[name] = path
     return models
 
@@ -328,6 +332,8 @@ def passkey_prompt(tokenizer, context_length: int, depth: float, passkey: str) -
     key_line = tokenizer.encode(passkey_line(passkey))
     question = tokenizer.encode(PASSKEY_QUESTION)
     filler_unit = tokenizer.encode(PASSKEY_FILLER)
+    if not filler_unit:
+        raise UserError("the tokenizer encodes the passkey filler text to no tokens: give a working --tokenizer")
     num_filler = context_length - len(head) - len(key_line) - len(question)
     if num_filler < len(filler_unit):
         shortest = context_length - num_filler + len(filler_unit)
@@ -575,6 +581,16 @@ def run_ppl(args) -> int:
     return 0
 
 
+def _tokenizer_beside(model_dir: str) -> Path:
+    """The tokenizer saved in a Hugging Face model directory, for when --tokenizer is not given."""
+    path = Path(model_dir)
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise UserError(
+            f"model {model_dir} holds no tokenizer: give --tokenizer (the .model file or directory prep used)"
+        )
+    return path
+
+
 def run_passkey(args) -> int:
     """`longctx eval passkey`: accuracy tables on stdout, passkey.json and one heat map per model in --out."""
     models = parse_model_specs(args.model)
@@ -584,10 +600,9 @@ def run_passkey(args) -> int:
         raise UserError(f"--depths {args.depths} must lie in [0, 1]: 0 is the start of the text, 1 its end")
     if args.trials < 1:
         raise UserError(f"--trials {args.trials} must be >= 1")
-    tokenizer_path = args.tokenizer or next(iter(models.values()))
     from data_prep.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(args.tokenizer or _tokenizer_beside(next(iter(models.values()))))
     init_distributed_from_env()
     rank, _ = _rank_and_world()
     out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)

@@ -269,10 +269,10 @@ def _score_windows(model, streams, batch: list[Window], context_length: int, dev
 
 
 def load_heldout_stream(shard_dir: str | os.PathLike, max_tokens: int = 0) -> torch.Tensor:
-    """The held-out split as ONE token stream: its packed sequences concatenated in order, padding dropped.
+    """The held-out split as ONE token stream: its packed sequences concatenated in order, tail padding dropped.
 
-    Packing cut a stream of documents into fixed-length sequences, so concatenating them in order restores that
-    stream (documents stay separated by their BOS/EOS tokens) and any context length up to the split's size can be
+    Packing cuts one stream of documents (separated by their BOS/EOS tokens) into fixed-length sequences, so
+    concatenating the sequences in order restores that stream, and any context length up to the split's size can be
     evaluated, whatever seq_len the shards were packed with. `max_tokens` > 0 keeps only the first max_tokens.
     """
     from longctx.shards import open_shards
@@ -280,12 +280,8 @@ def load_heldout_stream(shard_dir: str | os.PathLike, max_tokens: int = 0) -> to
     shards = open_shards(shard_dir)
     pieces, num_tokens = [], 0
     for index in range(len(shards)):
-        item = shards[index]
-        tokens = torch.as_tensor(item["input_ids"], dtype=torch.long)
-        if "labels" in item:
-            tokens = tokens[torch.as_tensor(item["labels"]) != -100]
-        pieces.append(tokens)
-        num_tokens += len(tokens)
+        pieces.append(torch.from_numpy(shards[index][: shards.num_valid(index)].astype("int64")))
+        num_tokens += len(pieces[-1])
         if max_tokens and num_tokens >= max_tokens:
             break
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
@@ -544,6 +540,8 @@ def run_ppl(args) -> int:
         raise UserError(f"--stride {args.stride} must be between 1 and the shortest length {min(lengths)}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens {args.max_tokens} must be >= 0 (0: every held-out token)")
     if not Path(args.data).is_dir():
         raise UserError(f"--data {args.data} is not a directory: give held-out shards, e.g. <prep out>/val")
     init_distributed_from_env()
@@ -559,6 +557,11 @@ def run_ppl(args) -> int:
     for name, path in models.items():
         model = load_eval_model(path)
         check_context_reach(model, lengths, name)
+        if int(stream.max()) >= model.config.vocab_size:
+            raise UserError(
+                f"held-out tokens in {args.data} reach id {int(stream.max())} but {name} has "
+                f"{model.config.vocab_size} token embeddings: evaluate on shards packed with the model's tokenizer"
+            )
         results[name] = perplexity(
             model, [stream], lengths, stride=args.stride, batch_size=args.batch_size, progress=True
         )

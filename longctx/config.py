@@ -75,6 +75,10 @@ class PrepConfig:
     """Tokenizer processes (0: one per core)."""
     strict: bool = False
     """Stop on a file that is not UTF-8 (default: skip it and count it)."""
+    token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token dtype on disk. auto: uint16 when the vocabulary fits (<= 65535 ids), else uint32."""
+    window_docs: int = 4096
+    """Documents shuffled together (at most ~32M characters); each window is also a resume point."""
 
     def validate(self, errors: list[str]) -> None:
         if self.seq_len < 2:
@@ -100,6 +104,8 @@ class PrepConfig:
             errors.append("prep.sequences_per_shard must be >= 1")
         if self.num_workers < 0:
             errors.append("prep.num_workers must be >= 0 (0: one per core)")
+        if self.window_docs < 1:
+            errors.append(f"prep.window_docs={self.window_docs} must be >= 1, e.g. 4096")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Tokenizers for data prep: a sentencepiece `.model` file or a Hugging Face tokenizer directory, behind one class.
+
+`load_tokenizer(path)` is what every stage calls; `Tokenizer.identity` (name + sha256 of the tokenizer files) is
+written into the shard manifest so that training can refuse shards made with another tokenizer.
+`train_sentencepiece` trains the demo's tokenizer: BPE with byte fallback and LLaMA's special ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from longctx.errors import UserError
+
+# LLaMA's layout: <unk>=0, <s>=1, </s>=2; the pad id goes after them (LLaMA itself has none).
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _sha256_of_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class Tokenizer:
+    """Encode/decode without special tokens; exposes vocab size, special ids and the identity of its files."""
+
+    def __init__(self, path: Path, files: list[Path]):
+        self.path = path
+        self.files = files
+        self.identity = {"name": path.name, "sha256": _sha256_of_files(files)}
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        """Write a tokenizer that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads."""
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+
+        super().__init__(model_file, [model_file])
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{model_file} is not a sentencepiece model ({e}): give a .model file") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = _or_none(self._sp.bos_id())
+        self.eos_id = _or_none(self._sp.eos_id())
+        self.pad_id = _or_none(self._sp.pad_id())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        from transformers import LlamaTokenizer
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pad = self._sp.id_to_piece(self.pad_id) if self.pad_id is not None else None
+        # legacy=False and no prefix-space surprises: the HF tokenizer must encode exactly as the .model does.
+        hf = LlamaTokenizer(vocab_file=str(self.path), pad_token=pad, legacy=False, add_prefix_space=None)
+        hf.save_pretrained(str(out_dir))
+        shutil.copyfile(self.path, out_dir / "tokenizer.model")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory read with the `tokenizers` library (tokenizer.json)."""
+
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        files = [directory / name for name in _HF_TOKENIZER_FILES if (directory / name).is_file()]
+        super().__init__(directory, files)
+        self._tok = FastTokenizer.from_file(str(directory / "tokenizer.json"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        specials = _special_tokens(directory)
+        self.bos_id = self._token_id(specials.get("bos_token"))
+        self.eos_id = self._token_id(specials.get("eos_token"))
+        self.pad_id = self._token_id(specials.get("pad_token"))
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in self.files:
+            shutil.copyfile(path, out_dir / path.name)
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from tokenizer_config.json, then special_tokens_map.json."""
+    found: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        for key, value in json.loads(path.read_text()).items():
+            if key in ("bos_token", "eos_token", "pad_token") and value:
+                found[key] = value["content"] if isinstance(value, dict) else value
+    return found
+
+
+def _or_none(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A sentencepiece `.model` file, or a HF tokenizer directory (tokenizer.json, else tokenizer.model)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"tokenizer {path} does not exist: give a sentencepiece .model file or a tokenizer directory")
+    if path.is_file():
+        return SentencePieceTokenizer(path)
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer(path)
+    if (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(path / "tokenizer.model")
+    raise UserError(f"{path} holds neither tokenizer.json nor tokenizer.model: give a Hugging Face tokenizer directory")
+
+
+def train_sentencepiece(
+    inputs: Iterable[str],
+    vocab_size: int,
+    out_model_path: str | os.PathLike,
+    *,
+    max_sentences: int = 200_000,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> Path:
+    """Train a LLaMA-style sentencepiece BPE model (byte fallback; unk=0, bos=1, eos=2, pad=3) on documents.
+
+    `inputs` yields documents; their lines are the training sentences, of which a deterministic sample of at most
+    `max_sentences` is used (enough for a small vocabulary, and quick). Whitespace is kept as is, so code survives.
+    """
+    import sentencepiece as spm
+
+    if not 16 <= vocab_size <= 1_000_000:
+        raise UserError(f"vocab size {vocab_size} is out of range: use e.g. 8000 (at least 16 for byte fallback)")
+    rng = random.Random(seed)
+    sample: list[str] = []  # reservoir sample: memory stays bounded for any corpus size
+    num_seen = 0
+    for doc in inputs:
+        for line in doc.splitlines():
+            if not line.strip():
+                continue
+            num_seen += 1
+            if len(sample) < max_sentences:
+                sample.append(line)
+            else:
+                j = rng.randrange(num_seen)
+                if j < max_sentences:
+                    sample[j] = line
+    if not sample:
+        raise UserError("the tokenizer corpus has no text: give files with text in them")
+    out_model_path = Path(out_model_path)
+    if out_model_path.suffix != ".model":
+        raise UserError(f"tokenizer output {out_model_path} must end in .model: e.g. --out tok.model")
+    out_model_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_model_path.parent) as tmp:
+        prefix = os.path.join(tmp, "sp")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample),
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                model_type="bpe",
+                byte_fallback=True,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_id=PAD_ID,
+                character_coverage=0.9995,
+                split_digits=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                max_sentence_length=16384,
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise UserError(f"sentencepiece training failed: {e}; try a smaller --vocab-size or more text") from None
+        os.replace(prefix + ".model", out_model_path)
+    return out_model_path

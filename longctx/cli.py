@@ -1,0 +1,123 @@
+"""`longctx prep | train | eval | export | plan | demo`: parse arguments, call the library, report errors.
+
+Each command's arguments are declared here (cheap: no torch import); its work is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from longctx.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from data_prep.cli import add_prep_commands
+
+    add_prep_commands(commands)
+    _add_train_command(commands)
+    _add_eval_commands(commands)
+    return parser
+
+
+def _add_train_command(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model (LongLoRA) on the DeepSpeed engine",
+        description="Train from a YAML preset plus section.key=value overrides. Single process as is; several with "
+        "`deepspeed --num_gpus N --module longctx.cli train ...`.",
+    )
+    train.add_argument("--config", help="YAML run preset, e.g. launch/presets/llama2-7b-32k.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-5")
+    train.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
+    train.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from longctx.config import RunConfig, describe, load_config
+
+    if args.help_config:
+        for key, default, doc in describe(RunConfig):
+            print(f"{key} = {default}\n    {doc}")
+        return 0
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    from longctx.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def _add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate models: perplexity against context length, passkey retrieval",
+        description="Dense attention, bf16 on GPU. Several ranks: `deepspeed --num_gpus N --module longctx.cli eval`.",
+    )
+    kinds = evaluate.add_subparsers(dest="eval_command", required=True, metavar="KIND")
+    model_help = "NAME=DIR or DIR, repeatable: a Hugging Face model dir, a checkpoint (step_N) or a training run dir"
+
+    ppl = kinds.add_parser(
+        "ppl",
+        help="perplexity at several context lengths on held-out shards (sliding window)",
+        description="Every held-out token but the first is scored once; with stride S each token after the first "
+        "window sees at least L - S + 1 tokens of context. Writes perplexity.json and perplexity.png to --out.",
+    )
+    ppl.add_argument("--model", action="append", required=True, help=model_help)
+    ppl.add_argument("--data", required=True, help="held-out shard directory, e.g. <prep out>/val")
+    ppl.add_argument("--lengths", required=True, help="context lengths, comma-separated, e.g. 256,512,1024,2048")
+    ppl.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: each length)")
+    ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ppl.add_argument("--max-tokens", type=int, default=0, help="score only the first N held-out tokens (0: all)")
+    ppl.add_argument("--out", required=True, help="output directory")
+    ppl.set_defaults(run=_run_eval)
+
+    passkey = kinds.add_parser(
+        "passkey",
+        help="passkey retrieval accuracy per context length and depth",
+        description="A random 5-digit key hidden at each depth of filler text, asked back and greedily decoded. "
+        "Writes passkey.json and a heat map per model to --out.",
+    )
+    passkey.add_argument("--model", action="append", required=True, help=model_help)
+    passkey.add_argument("--tokenizer", default="", help="tokenizer (default: the first model's directory)")
+    passkey.add_argument("--lengths", required=True, help="prompt lengths in tokens, e.g. 1024,2048,4096")
+    passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1], comma-separated")
+    passkey.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
+    passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    passkey.add_argument("--out", required=True, help="output directory")
+    passkey.set_defaults(run=_run_eval)
+    for parser in (ppl, passkey):
+        parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
+
+
+def _run_eval(args) -> int:
+    from longctx.evaluate import run_passkey, run_ppl
+
+    return run_ppl(args) if args.eval_command == "ppl" else run_passkey(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longctx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure still gets one line; --debug shows where
+        if args.debug:
+            raise
+        print(f"longctx: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

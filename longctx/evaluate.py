@@ -60,6 +60,47 @@ def eval_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, bool]:
+    """(directory, is a longctx checkpoint) of a --model path; a training run dir means its newest checkpoint."""
+    from longctx import checkpoint
+
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserError(f"model {path} is not a directory: give a Hugging Face model directory or a checkpoint")
+    if (model_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
+        found = checkpoint.complete_checkpoints(model_dir)
+        if not found:
+            raise UserError(f"training run {path} has no complete checkpoint yet: train longer or pick another model")
+        model_dir = found[-1]
+    if (model_dir / "config.yaml").is_file():
+        return model_dir, True
+    if (model_dir / "config.json").is_file():
+        return model_dir, False
+    raise UserError(
+        f"model {path} has neither config.json (Hugging Face model) nor config.yaml (longctx checkpoint): "
+        "point --model at one of those"
+    )
+
+
+def eval_model_config(path: str | os.PathLike):
+    """The Hugging Face config the evaluated model will have (RoPE scaling of a run included), without weights."""
+    model_dir, is_checkpoint = resolve_model_dir(path)
+    if is_checkpoint:
+        from longctx.checkpoint import load_run_config
+        from longctx.model import apply_rope_scaling, load_hf_config
+
+        run_config = load_run_config(model_dir)
+        hf_config = load_hf_config(run_config)
+        apply_rope_scaling(hf_config, run_config)
+        return hf_config
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {path}: config.json cannot be read ({_first_line(e)}): check the directory") from None
+
+
 def load_eval_model(path: str | os.PathLike, device: torch.device | None = None):
     """A model ready for evaluation: dense SDPA attention, eval mode, bfloat16 on GPU / float32 on CPU.
 
@@ -67,24 +108,15 @@ def load_eval_model(path: str | os.PathLike, device: torch.device | None = None)
     training checkpoint (checkpoints/step_N, holding the resolved config.yaml; loaded by
     `longctx.checkpoint.load_trained_model`), or a training output directory (its newest complete checkpoint).
     """
-    from longctx import checkpoint
-
     device = device or eval_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise UserError(
-            f"model {path} is not a directory: give a Hugging Face model directory or a training checkpoint"
-        )
-    if (model_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
-        found = checkpoint.complete_checkpoints(model_dir)
-        if not found:
-            raise UserError(f"training run {path} has no complete checkpoint yet: train longer or pick another model")
-        model_dir = found[-1]
-    if (model_dir / "config.yaml").is_file():
-        model, _ = checkpoint.load_trained_model(model_dir)
+    model_dir, is_checkpoint = resolve_model_dir(path)
+    if is_checkpoint:
+        from longctx.checkpoint import load_trained_model
+
+        model, _ = load_trained_model(model_dir)
         model.set_attn_implementation(EVAL_ATTENTION)
-    elif (model_dir / "config.json").is_file():
+    else:
         from transformers import AutoModelForCausalLM
 
         try:
@@ -92,27 +124,26 @@ def load_eval_model(path: str | os.PathLike, device: torch.device | None = None)
                 model_dir, dtype=dtype, attn_implementation=EVAL_ATTENTION, trust_remote_code=False
             )
         except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"model {path} cannot be loaded ({first_line}): check the directory's files") from None
-    else:
-        raise UserError(
-            f"model {path} has neither config.json (Hugging Face model) nor config.yaml (longctx checkpoint): "
-            "point --model at one of those"
-        )
+            raise UserError(f"model {path} cannot be loaded ({_first_line(e)}): check the directory's files") from None
     if not getattr(model, "is_quantized", False):
         model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def check_context_reach(model, context_lengths: Iterable[int], name: str = "model") -> None:
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_context_reach(config, context_lengths: Iterable[int], name: str = "model") -> None:
     """Refuse lengths beyond learned absolute position embeddings; warn (one line) beyond a RoPE model's context.
 
-    A RoPE model runs at any length (its quality collapses past what it was trained for, which is exactly what a
-    base-versus-extended comparison shows), so lengths past max_position_embeddings (or the scaled original context
-    of rope_parameters) are evaluated with a warning. A model with learned absolute positions (GPT-2's n_positions,
-    OPT's max_position_embeddings) has no embedding for a position past its table: that length is an error.
+    `config` is the model's Hugging Face config. A RoPE model runs at any length (its quality collapses past what
+    it was trained for, which is exactly what a base-versus-extended comparison shows), so lengths past
+    max_position_embeddings (or the scaled original context of rope_parameters) are evaluated, with a warning.
+    A model with learned absolute positions (GPT-2's n_positions, OPT's max_position_embeddings) has no embedding
+    for a position past its table: that length is an error.
     """
-    config = model.config
     longest = max(context_lengths)
     rope = getattr(config, "rope_parameters", None)
     max_positions = getattr(config, "max_position_embeddings", None)
@@ -120,7 +151,7 @@ def check_context_reach(model, context_lengths: Iterable[int], name: str = "mode
         reach = max_positions or 0
         if rope.get("factor") and rope.get("original_max_position_embeddings"):
             reach = max(reach, int(rope["original_max_position_embeddings"] * rope["factor"]))
-        if reach and longest > reach:
+        if reach and longest > reach and _rank_and_world()[0] == 0:
             print(
                 f"longctx: warning: {name}: context length {longest} exceeds the {reach} positions it was trained "
                 "for; evaluating anyway (expect perplexity to rise)",
@@ -553,15 +584,17 @@ def run_ppl(args) -> int:
             f"the held-out data in {args.data} has {len(stream)} tokens, fewer than the longest length "
             f"{max(lengths)} + 1: evaluate shorter lengths or hold out more data (prep.val_fraction)"
         )
+    for name, path in models.items():  # every model is checked before the first is evaluated
+        config = eval_model_config(path)
+        check_context_reach(config, lengths, name)
+        if int(stream.max()) >= config.vocab_size:
+            raise UserError(
+                f"held-out tokens in {args.data} reach id {int(stream.max())} but {name} has "
+                f"{config.vocab_size} token embeddings: evaluate on shards packed with the model's tokenizer"
+            )
     results = {}
     for name, path in models.items():
         model = load_eval_model(path)
-        check_context_reach(model, lengths, name)
-        if int(stream.max()) >= model.config.vocab_size:
-            raise UserError(
-                f"held-out tokens in {args.data} reach id {int(stream.max())} but {name} has "
-                f"{model.config.vocab_size} token embeddings: evaluate on shards packed with the model's tokenizer"
-            )
         results[name] = perplexity(
             model, [stream], lengths, stride=args.stride, batch_size=args.batch_size, progress=True
         )
@@ -609,10 +642,17 @@ def run_passkey(args) -> int:
     init_distributed_from_env()
     rank, _ = _rank_and_world()
     out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)
+    for name, path in models.items():  # every model is checked before the first is evaluated
+        config = eval_model_config(path)
+        check_context_reach(config, lengths, name)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise UserError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {name} has {config.vocab_size} token "
+                "embeddings: give the model's own tokenizer with --tokenizer"
+            )
     results = {}
     for name, path in models.items():
         model = load_eval_model(path)
-        check_context_reach(model, lengths, name)
         results[name] = passkey_accuracy(
             greedy_generator(model), tokenizer, lengths, depths, num_trials=args.trials, seed=args.seed, progress=True
         )

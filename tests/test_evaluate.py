@@ -152,10 +152,10 @@ def test_bad_stride_is_refused(model):
 
 def test_rope_model_past_its_context_warns_but_runs(capsys):
     model = tiny_llama(max_position_embeddings=16)
-    check_context_reach(model, [8, 32], "base")
+    check_context_reach(model.config, [8, 32], "base")
     warning = capsys.readouterr().err.strip()
     assert warning.count("\n") == 0 and "base: context length 32 exceeds the 16 positions" in warning
-    check_context_reach(model, [8, 16], "base")
+    check_context_reach(model.config, [8, 16], "base")
     assert capsys.readouterr().err == ""
 
 
@@ -166,9 +166,9 @@ def test_learned_positions_cannot_reach_past_their_table():
         vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1, eos_token_id=2
     )
     gpt2 = AutoModelForCausalLM.from_config(config)
-    check_context_reach(gpt2, [16], "gpt2")
+    check_context_reach(gpt2.config, [16], "gpt2")
     with pytest.raises(UserError, match="learned position embeddings for 16 positions.*evaluate lengths <= 16"):
-        check_context_reach(gpt2, [8, 32], "gpt2")
+        check_context_reach(gpt2.config, [8, 32], "gpt2")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from longctx.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # `deepspeed --module longctx.cli` puts --local_rank=N before the command (the rank is read from LOCAL_RANK).
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from data_prep.cli import add_prep_commands
 
@@ -33,7 +35,6 @@ def _add_train_command(commands) -> None:
     train.add_argument("--config", help="YAML run preset, e.g. launch/presets/llama2-7b-32k.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-5")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
-    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
     train.set_defaults(run=_run_train)
 
 
@@ -89,8 +90,6 @@ def _add_eval_commands(commands) -> None:
     passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
     passkey.add_argument("--out", required=True, help="output directory")
     passkey.set_defaults(run=_run_eval)
-    for parser in (ppl, passkey):
-        parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
 
 
 def _run_eval(args) -> int:

@@ -85,11 +85,12 @@ class SentencePieceTokenizer(Tokenizer):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        pad = self._sp.id_to_piece(self.pad_id) if self.pad_id is not None else None
-        # legacy=False and no prefix-space surprises: the HF tokenizer must encode exactly as the .model does.
-        hf = LlamaTokenizer(vocab_file=str(self.path), pad_token=pad, legacy=False, add_prefix_space=None)
-        hf.save_pretrained(str(out_dir))
         shutil.copyfile(self.path, out_dir / "tokenizer.model")
+        # from_pretrained on a directory holding only tokenizer.model converts it (vocab + merges) to a fast
+        # tokenizer that encodes exactly as the .model does; constructing LlamaTokenizer(vocab_file=...) does not.
+        pad = self._sp.id_to_piece(self.pad_id) if self.pad_id is not None else None
+        hf = LlamaTokenizer.from_pretrained(str(out_dir), pad_token=pad, legacy=False)
+        hf.save_pretrained(str(out_dir))
 
 
 class HFTokenizer(Tokenizer):

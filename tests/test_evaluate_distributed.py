@@ -3,14 +3,20 @@
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_evaluate import ByteTokenizer, tiny_llama
 
+from longctx.cli import main
 from longctx.evaluate import extract_passkey, passkey_accuracy, perplexity
+from longctx.shards import ShardWriter
 
 LENGTHS = [8, 16]
 STRIDE = 6
@@ -73,3 +79,27 @@ def test_two_ranks_equal_one_rank(tmp_path):
     assert two_ranks["passkey"] == one_rank["passkey"]
     accuracies = [a for row in one_rank["passkey"]["accuracy"] for a in row]
     assert 0 < sum(accuracies) < len(accuracies)  # a mix of right and wrong answers, so the reduction is exercised
+
+
+@pytest.mark.distributed
+def test_cli_under_the_deepspeed_launcher_equals_one_process(tmp_path):
+    """`deepspeed --num_gpus 2 --module longctx.cli eval ppl` (gloo on CPU) writes what the plain CLI writes."""
+    tiny_llama(max_position_embeddings=64).save_pretrained(tmp_path / "model")
+    writer = ShardWriter(tmp_path / "val", seq_len=64, dtype=np.uint16, sequences_per_shard=4)
+    sequences = np.random.default_rng(0).integers(4, 259, size=(5, 64))
+    writer.add(sequences, doc_offsets=np.arange(6), doc_starts=np.zeros(5, dtype=np.int64))
+    writer.finish({"last_num_valid": 64, "vocab_size": 259})
+    argv = ["eval", "ppl", "--model", f"tiny={tmp_path / 'model'}", "--data", str(tmp_path / "val")]
+    argv += ["--lengths", "32,128", "--stride", "24", "--batch-size", "3"]
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port())]
+    command = launcher + ["--module", "longctx.cli"] + argv + ["--out", str(tmp_path / "two")]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    results = {
+        ranks: json.loads((tmp_path / ranks / "perplexity.json").read_text())["models"]["tiny"]["results"]
+        for ranks in ("two", "one")
+    }
+    for length in ("32", "128"):
+        assert results["two"][length]["num_tokens"] == results["one"][length]["num_tokens"] == 5 * 64 - 1
+        assert results["two"][length]["perplexity"] == pytest.approx(results["one"][length]["perplexity"], rel=1e-6)

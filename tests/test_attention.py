@@ -1,0 +1,201 @@
+"""S²-Attn core against a naive masked reference written straight from DESIGN.md's definition."""
+
+import pytest
+import torch
+
+from longctx.attention import dense_attention, s2_attention, segment_ids_from_position_ids
+from longctx.errors import UserError
+
+
+def reference_attention(q, k, v, group_size=None, *, position_ids=None, segment_ids=None):
+    """Float64 masked attention from the definition. group_size None: dense causal. Returns (B, H, N, D) float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, num_heads, seq_len, head_dim = q.shape
+    heads_per_kv = num_heads // k.shape[1]
+    kv_of_head = torch.arange(num_heads) // heads_per_kv
+    k, v = k[:, kv_of_head], v[:, kv_of_head]  # query head h reads kv head h // (H / Hkv)
+    t = torch.arange(seq_len).expand(batch, seq_len) if position_ids is None else position_ids.expand(batch, seq_len)
+    index = torch.arange(seq_len)
+    allowed = (index[None, None, :, None] >= index[None, None, None, :]).expand(batch, num_heads, seq_len, seq_len)
+    if group_size is not None:
+        shifted = torch.arange(num_heads) >= num_heads // 2
+        offset = torch.where(shifted, group_size // 2, 0)  # (H,)
+        group = torch.div(t[:, None, :] + offset[None, :, None], group_size, rounding_mode="floor")  # (B, H, N)
+        allowed = allowed & (group[..., :, None] == group[..., None, :])
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def random_qkv(batch, num_heads, num_kv_heads, seq_len, head_dim=8, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_heads, seq_len, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, num_kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch, num_kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    return q, k, v
+
+
+def packed_positions(doc_lengths_per_row):
+    """(B, N) position ids restarting at 0 at each document start."""
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in doc_lengths_per_row])
+
+
+# (H, Hkv, N, G): MHA, GQA 4:1 and 8:1, MQA, odd kv head count, N not a multiple of G, N < G, N < G/2, N = 1.
+SHAPES = [
+    (4, 4, 32, 8),
+    (8, 2, 37, 8),
+    (16, 2, 50, 12),
+    (4, 1, 29, 6),
+    (6, 3, 21, 4),
+    (4, 4, 10, 16),
+    (4, 2, 5, 16),
+    (2, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,seq_len,group_size", SHAPES)
+def test_plain_positions_match_reference(num_heads, num_kv_heads, seq_len, group_size):
+    q, k, v = random_qkv(2, num_heads, num_kv_heads, seq_len)
+    expected = reference_attention(q, k, v, group_size)
+    torch.testing.assert_close(s2_attention(q, k, v, group_size).double(), expected, atol=1e-5, rtol=1e-5)
+    # Explicit arange positions take the same fast path; the general (keyed) path must agree too.
+    arange = torch.arange(seq_len)[None]
+    torch.testing.assert_close(
+        s2_attention(q, k, v, group_size, position_ids=arange).double(), expected, atol=1e-5, rtol=1e-5
+    )
+    one_segment = torch.zeros(2, seq_len, dtype=torch.long)
+    keyed = s2_attention(q, k, v, group_size, position_ids=arange, segment_ids=one_segment)
+    torch.testing.assert_close(keyed.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (16, 2), (4, 4)])
+def test_batch_of_packed_documents_matches_reference(num_heads, num_kv_heads):
+    # Three rows with different document layouts: one long doc, docs crossing group edges, many short docs.
+    layouts = [[40], [7, 19, 14], [3, 3, 1, 12, 5, 16]]
+    position_ids = packed_positions(layouts)
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(3, num_heads, num_kv_heads, 40, seed=1)
+    for group_size in (8, 6, 64):
+        expected = reference_attention(q, k, v, group_size, position_ids=position_ids, segment_ids=segment_ids)
+        got = s2_attention(q, k, v, group_size, position_ids=position_ids, segment_ids=segment_ids)
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_restarting_positions_without_isolation_match_reference():
+    # No segment ids: documents are not isolated, tokens of different documents share groups by position.
+    position_ids = packed_positions([[3, 3, 1, 12, 5], [10, 14]])
+    q, k, v = random_qkv(2, 4, 2, 24, seed=2)
+    expected = reference_attention(q, k, v, 4, position_ids=position_ids)
+    got = s2_attention(q, k, v, 4, position_ids=position_ids)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_segment_labels_match_reference():
+    segment_ids = torch.tensor([[5, 5, 2, 2, 2, 5, 5, 7, 7, 2, 2, 2]])
+    q, k, v = random_qkv(1, 4, 2, 12, seed=3)
+    expected = reference_attention(q, k, v, 4, segment_ids=segment_ids)
+    got = s2_attention(q, k, v, 4, segment_ids=segment_ids)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_half_precision_returns_input_dtype(dtype, tolerance):
+    q, k, v = random_qkv(2, 8, 2, 45, dtype=dtype)
+    position_ids = packed_positions([[20, 25], [45]])
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    for kwargs in ({}, {"position_ids": position_ids, "segment_ids": segment_ids}):
+        got = s2_attention(q, k, v, 10, **kwargs)
+        assert got.dtype == dtype
+        expected = reference_attention(q, k, v, 10, **kwargs)
+        torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_dense_attention_matches_reference():
+    position_ids = packed_positions([[9, 11], [20]])
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(2, 8, 2, 20)
+    torch.testing.assert_close(dense_attention(q, k, v).double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    expected = reference_attention(q, k, v, segment_ids=segment_ids)
+    got = dense_attention(q, k, v, segment_ids=segment_ids)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_ids_from_position_ids():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [5, 6, 7, 8, 2, 3, 0, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 0, 0, 0, 1, 1, 2, 2]])
+    assert torch.equal(segment_ids_from_position_ids(position_ids), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Leaks, by gradients: d out[i] / d (q, k, v)[j] must be exactly zero wherever the definition forbids i -> j.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def input_gradients(q, k, v, output_fn, query_index):
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    output_fn(q, k, v)[:, :, query_index].sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("query_index", [0, 1, 3, 4, 9, 17, 30])
+def test_no_gradient_from_the_future(query_index):
+    # G = 8: index 0..3 is the first half group of the shifted heads, where the roll formulation leaks the tail.
+    q, k, v = random_qkv(2, 4, 2, 31)
+    q_grad, k_grad, v_grad = input_gradients(q, k, v, lambda q, k, v: s2_attention(q, k, v, 8), query_index)
+    for grad in (q_grad, k_grad, v_grad):
+        assert torch.count_nonzero(grad[:, :, query_index + 1 :]) == 0
+    assert torch.count_nonzero(k_grad[:, :, : query_index + 1]) > 0 or query_index == 0
+
+
+def test_gradients_stay_inside_the_group_of_each_head_half():
+    # Query 13 with G = 8: unshifted heads (0, 1 -> kv head 0) see group [8, 16), shifted heads (2, 3 -> kv head 1)
+    # see [12, 20); restricted to the causal past that is [8, 13] and [12, 13].
+    q, k, v = random_qkv(1, 4, 2, 24)
+    _, k_grad, v_grad = input_gradients(q, k, v, lambda q, k, v: s2_attention(q, k, v, 8), 13)
+    for grad in (k_grad, v_grad):
+        seen_unshifted = grad[0, 0].abs().sum(-1).nonzero().flatten().tolist()
+        seen_shifted = grad[0, 1].abs().sum(-1).nonzero().flatten().tolist()
+        assert seen_unshifted == list(range(8, 14))
+        assert seen_shifted == [12, 13]
+
+
+def test_no_gradient_across_documents():
+    position_ids = packed_positions([[5, 9, 10]])
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(1, 4, 4, 24)
+
+    def attend(q, k, v):
+        return s2_attention(q, k, v, 16, position_ids=position_ids, segment_ids=segment_ids)
+
+    for query_index, document in ((4, range(0, 5)), (10, range(5, 14)), (20, range(14, 24))):
+        q_grad, k_grad, v_grad = input_gradients(q, k, v, attend, query_index)
+        outside = torch.ones(24, dtype=torch.bool)
+        outside[document.start : document.stop] = False
+        for grad in (q_grad, k_grad, v_grad):
+            assert torch.count_nonzero(grad[:, :, outside]) == 0
+        assert torch.count_nonzero(k_grad[:, :, document.start]) > 0  # the document's first token is seen
+
+
+def test_gradients_match_reference():
+    position_ids = packed_positions([[13, 20], [33]])
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(2, 8, 2, 33)
+    weights = torch.randn(2, 8, 33, 8, dtype=torch.float64)
+    for kwargs in ({}, {"position_ids": position_ids, "segment_ids": segment_ids}):
+        got = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        (s2_attention(*got, 6, **kwargs) * weights).sum().backward()
+        expected = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        (reference_attention(*expected, 6, **kwargs) * weights).sum().backward()
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_group_size_and_heads_are_user_errors():
+    q, k, v = random_qkv(1, 4, 2, 8)
+    with pytest.raises(UserError, match="even"):
+        s2_attention(q, k, v, 5)
+    q3, k3, v3 = random_qkv(1, 3, 1, 8)
+    with pytest.raises(UserError, match="even head count"):
+        s2_attention(q3, k3, v3, 4)

@@ -1,8 +1,8 @@
 """`longctx prep pack`: tokenize a corpus on all cores and pack it into fixed-length sequences (LongLoRA's scheme).
 
-The pipeline streams the corpus in *windows* (at most `window_docs` documents / ~32M characters):
+The pipeline streams the corpus in *windows* (at most `window_docs` documents / 16M characters):
 
-    read window (main) → tokenize in a pool of worker processes (ordered results, two windows in flight)
+    read window (main), handing text to a pool of tokenizer processes as it is read (two windows in flight)
     → drop empty / duplicate / too short / too long documents → assign each document to train or validation
     (by a seeded draw, so no document is in both) → repeat by input weight → shuffle within the window
     → BOS + tokens + EOS per document, concatenated and cut into sequences of exactly seq_len tokens → shards
@@ -42,7 +42,7 @@ from longctx.config import PrepConfig, save_config, to_dict
 from longctx.errors import UserError
 from longctx.shards import ShardWriter, token_dtype_for, write_json_atomic
 
-WINDOW_MAX_CHARS = 32 << 20
+WINDOW_MAX_CHARS = 16 << 20
 TASK_CHARS = 256 << 10  # characters per tokenizer task: big enough to amortize IPC, small enough to balance
 PREP_FILE, STATE_FILE, SUMMARY_FILE, CONFIG_FILE = "prep.json", ".prep_state.json", "summary.json", "prep_config.yaml"
 HIST_BINS_PER_OCTAVE = 16  # document-length histogram resolution (percentiles are exact to ~4%)
@@ -85,58 +85,59 @@ def _content_hash(text: str) -> int:
 @dataclass
 class Window:
     index: int
-    texts: list[str] = field(default_factory=list)
-    input_index: list[int] = field(default_factory=list)
+    input_index: list[int] = field(default_factory=list)  # per document: which input it came from
     num_items: int = 0  # source items consumed, skipped ones included (the resume position)
     skipped: list[Skipped] = field(default_factory=list)
     num_chars: int = 0
+    results: list = field(default_factory=list)  # pending tokenizer results, in document order
 
 
-def _windows(items, first_index: int, window_docs: int):
-    window = Window(first_index)
+def _submitted_windows(pool, items, first_index: int, window_docs: int, with_hashes: bool):
+    """Read windows of documents, handing each TASK_CHARS of text to the pool as soon as it is read, so that
+    reading overlaps tokenizing; yields windows whose `results` are still pending."""
+    window, task, task_chars = Window(first_index), [], 0
+
+    def submit():
+        nonlocal task, task_chars
+        if task:
+            window.results.append(pool.apply_async(_encode, (task, with_hashes)))
+        task, task_chars = [], 0
+
     for input_index, item in items:
         window.num_items += 1
         if isinstance(item, Skipped):
             window.skipped.append(item)
             continue
-        window.texts.append(item)
+        task.append(item)
+        task_chars += len(item)
         window.input_index.append(input_index)
         window.num_chars += len(item)
-        if len(window.texts) >= window_docs or window.num_chars >= WINDOW_MAX_CHARS:
+        if task_chars >= TASK_CHARS:
+            submit()
+        if len(window.input_index) >= window_docs or window.num_chars >= WINDOW_MAX_CHARS:
+            submit()
             yield window
             window = Window(window.index + 1)
+    submit()
     if window.num_items:
         yield window
 
 
-def _tasks(texts: list[str]) -> list[list[str]]:
-    tasks, current, chars = [], [], 0
-    for text in texts:
-        current.append(text)
-        chars += len(text)
-        if chars >= TASK_CHARS:
-            tasks.append(current)
-            current, chars = [], 0
-    if current:
-        tasks.append(current)
-    return tasks
-
-
-def _tokenized_windows(pool, windows, with_hashes: bool):
-    """(window, flat ids, lengths, hashes) in window order, with at most two windows in the pool at once."""
+def _tokenized_windows(windows, with_hashes: bool):
+    """(window, flat ids, lengths, hashes) in order; the next window is read (and queued) before one is collected."""
     in_flight: deque = deque()
 
     def collect():
-        window, results = in_flight.popleft()
-        parts = [r.get() for r in results]
+        window = in_flight.popleft()
+        parts = [r.get() for r in window.results]
+        window.results = []
         flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
         lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         hashes = np.concatenate([p[2] for p in parts]) if parts and with_hashes else None
         return window, flat, lengths, hashes
 
     for window in windows:
-        in_flight.append((window, [pool.apply_async(_encode, (t, with_hashes)) for t in _tasks(window.texts)]))
-        window.texts = []  # the pool has its own copy; drop ours
+        in_flight.append(window)
         if len(in_flight) == 2:
             yield collect()
     while in_flight:
@@ -348,8 +349,8 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
     bar = tqdm(unit=" docs", disable=not progress, initial=stats["documents_read"], dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")  # workers start clean: no forked locks or threads
     with context.Pool(num_workers, initializer=_init_worker, initargs=(config.tokenizer,)) as pool:
-        windows = _windows(items, first_window, config.window_docs)
-        for window, flat, lengths, hashes in _tokenized_windows(pool, windows, config.dedup):
+        windows = _submitted_windows(pool, items, first_window, config.window_docs, config.dedup)
+        for window, flat, lengths, hashes in _tokenized_windows(windows, config.dedup):
             docs = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
             by_split = _select_documents(config, window, docs, lengths, hashes, seen_hashes, weights, stats)
             for name, selected in by_split.items():

@@ -20,9 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_commands
 
     add_prep_commands(commands)
+    _add_demo_command(commands)
     _add_train_command(commands)
     _add_eval_commands(commands)
     return parser
+
+
+def _add_demo_command(commands) -> None:
+    demo = commands.add_parser("demo", help="run the pipeline on this machine's Python sources (no download)")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes everything")
+    demo.add_argument("--seq-len", type=int, default=4096, help="tokens per packed sequence")
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from longctx.demo import prepare_demo_data
+
+    tokenizer, train_dir, val_dir = prepare_demo_data(args.out, seq_len=args.seq_len)
+    print(f"demo data: tokenizer {tokenizer}, train shards {train_dir}, validation shards {val_dir}")
+    return 0
 
 
 def _add_train_command(commands) -> None:

@@ -78,7 +78,7 @@ class PrepConfig:
     token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
     """Token dtype on disk. auto: uint16 when the vocabulary fits (<= 65535 ids), else uint32."""
     window_docs: int = 4096
-    """Documents shuffled together (at most ~32M characters); each window is also a resume point."""
+    """Documents shuffled together (at most 16M characters); each window is also a resume point."""
 
     def validate(self, errors: list[str]) -> None:
         if self.seq_len < 2:

@@ -165,3 +165,30 @@ def test_tokens_beyond_the_models_vocabulary_give_one_line_errors(model_dir, hel
     assert_one_line_error(code, err, "reach id", "has 259 token embeddings: evaluate on shards packed with the model")
     code, _, err = run_cli(capsys, "passkey", *argv, "--tokenizer", model_dir, "--lengths", 300)
     assert_one_line_error(code, err, "the tokenizer has 512 tokens but small_vocab has 259", "give the model's own")
+
+
+def test_training_checkpoint_evaluates_like_its_exported_model(tmp_path, capsys):
+    """A run directory (its newest checkpoint), a checkpoint and the run's final HF model give the same perplexity,
+    with the run's RoPE scaling: 32 base positions × factor 2 reach 64 without a warning, 128 with one."""
+    import subprocess
+    import sys
+
+    from longctx.shards import ShardWriter
+
+    run_dir = tmp_path / "run"
+    train = [sys.executable, "tests/dist/train_tiny.py", str(run_dir), "train.max_steps=2", "train.lr=1e-2"]
+    done = subprocess.run(train, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    writer = ShardWriter(tmp_path / "val", seq_len=64, dtype=np.uint16, sequences_per_shard=4)
+    writer.add(np.random.default_rng(0).integers(0, 96, size=(3, 64)), np.arange(4), np.zeros(3, dtype=np.int64))
+    writer.finish({"last_num_valid": 64, "vocab_size": 96})
+    models = {"run": run_dir, "step": run_dir / "checkpoints" / "step_00000002", "final": run_dir / "final"}
+    argv = [arg for name, path in models.items() for arg in ("--model", f"{name}={path}")]
+    code, _, err = run_cli(capsys, "ppl", *argv, "--data", tmp_path / "val", "--lengths", "32,64", "--out", tmp_path)
+    assert code == 0 and "warning" not in err, err
+    results = json.loads((tmp_path / "perplexity.json").read_text())["models"]
+    for length in ("32", "64"):
+        ppl = [results[name]["results"][length]["perplexity"] for name in models]
+        assert ppl[0] == ppl[1] == pytest.approx(ppl[2], rel=1e-5)
+    code, _, err = run_cli(capsys, "ppl", *argv[:2], "--data", tmp_path / "val", "--lengths", "128", "--out", tmp_path)
+    assert code == 0 and "warning: run: context length 128 exceeds the 64 positions" in err

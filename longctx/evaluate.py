@@ -283,16 +283,27 @@ def perplexity(
     return results
 
 
+LOSS_SLICE_TOKENS = 4096  # positions whose logits are upcast to float32 at once
+
+
 @torch.inference_mode()
 def _score_windows(model, streams, batch: list[Window], context_length: int, device) -> torch.Tensor:
     """(sum of NLL, count) of the scored predictions of a batch of equally long windows."""
     # (B, L + 1): the window's L input tokens followed by the token its last position predicts
-    chunks = torch.stack([streams[w.stream][w.start : w.start + context_length + 1] for w in batch]).to(device)
+    tokens = torch.stack([streams[w.stream][w.start : w.start + context_length + 1] for w in batch]).to(device)
     num_kept = max(w.num_scored for w in batch)
-    # Only the last num_kept positions' logits are needed: logits_to_keep saves a (B, L, vocab) tensor.
-    logits = model(input_ids=chunks[:, :-1], logits_to_keep=num_kept).logits  # (B, num_kept, vocab)
-    targets = chunks[:, -num_kept:]  # (B, num_kept)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, num_kept)
+    # Only the last num_kept positions' logits are needed: logits_to_keep skips the rest of the (B, L, vocab) head.
+    logits = model(input_ids=tokens[:, :-1], logits_to_keep=num_kept).logits  # (B, num_kept, vocab)
+    targets = tokens[:, -num_kept:]  # (B, num_kept)
+    # float32 log-softmax a slice of positions at a time: a whole 32k-token window in fp32 would take ~4 GB more.
+    step = LOSS_SLICE_TOKENS
+    nll = torch.cat(
+        [
+            F.cross_entropy(logits[:, i : i + step].float().transpose(1, 2), targets[:, i : i + step], reduction="none")
+            for i in range(0, num_kept, step)
+        ],
+        dim=1,
+    )  # (B, num_kept)
     # A window scores only its last num_scored predictions (the others were scored by an earlier window).
     offsets = torch.arange(num_kept, device=device)
     scored = offsets[None, :] >= torch.tensor([num_kept - w.num_scored for w in batch], device=device)[:, None]

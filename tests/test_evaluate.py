@@ -119,6 +119,13 @@ def test_perplexity_equals_token_by_token_computation(model, stride):
     assert result["perplexity"] == pytest.approx(math.exp(sum(expected) / len(expected)), rel=1e-5)
 
 
+def test_loss_in_slices_equals_loss_at_once(model, monkeypatch):
+    stream = torch.randint(3, VOCAB, (50,), generator=torch.Generator().manual_seed(4))
+    at_once = perplexity(model, [stream], [16], stride=8, batch_size=2)[16]["mean_nll"]
+    monkeypatch.setattr("longctx.evaluate.LOSS_SLICE_TOKENS", 3)
+    assert perplexity(model, [stream], [16], stride=8, batch_size=2)[16]["mean_nll"] == pytest.approx(at_once, rel=1e-6)
+
+
 def test_stride_one_gives_every_token_the_full_context(model):
     """S = 1 needs no rule to state: each token is predicted from its min(t, L) preceding tokens."""
     context_length = 8

@@ -233,8 +233,9 @@ def perplexity(
 ) -> dict[int, dict[str, float]]:
     """Perplexity of `model` on held-out token streams at each context length L, with a sliding window.
 
-    The rule: a window is L consecutive tokens of a stream fed to the model at positions 0..L-1; its logits predict
-    the L tokens that follow each of them. The first window of a stream (tokens 0..L-1) scores all its L predictions.
+    The rule: a window is L consecutive tokens of a stream fed to the model at positions 0..L-1; the logits at each
+    position predict the next token, so the window [s, s + L) predicts tokens s + 1..s + L. The first window of a
+    stream (tokens 0..L-1) scores all its L predictions.
     Each further window ends S tokens (the stride; default L) after the previous one, the last one ending at the
     stream's end, and scores only the predictions not scored yet (at most S). So every token of a stream but its
     first is scored exactly once, and every token after the first window is predicted from at least L - S + 1
@@ -488,6 +489,9 @@ def plot_perplexity(results: dict[str, dict[int, float]], path: str | os.PathLik
         lengths = sorted(int(length) for length in by_length)
         ax.plot(lengths, [by_length[length] for length in lengths], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    all_lengths = sorted({int(length) for by_length in results.values() for length in by_length})
+    ax.set_xticks(all_lengths, [str(length) for length in all_lengths])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")

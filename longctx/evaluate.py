@@ -557,7 +557,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise UserError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 256,512,1024") from None
     if not values or min(values) < 1:
         raise UserError(f"{what} {text!r} must list positive numbers, e.g. 256,512,1024")
-    return values
+    return sorted(set(values))
 
 
 def parse_float_list(text: str, what: str) -> list[float]:
@@ -618,7 +618,7 @@ def run_ppl(args) -> int:
         report = {
             "data": str(args.data),
             "num_stream_tokens": len(stream),
-            "stride": args.stride or "context length",
+            "stride": {length: args.stride or length for length in lengths},
             "lengths": lengths,
             "models": {name: {"path": models[name], "results": results[name]} for name in models},
         }

@@ -73,10 +73,11 @@ def test_ppl_end_to_end(model_dir, heldout, tmp_path, capsys):
     shard_dir, stream = heldout
     out = tmp_path / "ppl"
     argv = ["ppl", "--model", f"base={model_dir}", "--model", f"again={model_dir}", "--data", shard_dir]
-    code, stdout, err = run_cli(capsys, *argv, "--lengths", "16,32", "--stride", 8, "--batch-size", 2, "--out", out)
+    code, stdout, err = run_cli(capsys, *argv, "--lengths", "32,16,32", "--stride", 8, "--batch-size", 2, "--out", out)
     assert code == 0, err
     report = json.loads((out / "perplexity.json").read_text())
-    assert report["num_stream_tokens"] == 105 and report["lengths"] == [16, 32] and report["stride"] == 8
+    assert report["num_stream_tokens"] == 105 and report["lengths"] == [16, 32]  # sorted, each once
+    assert report["stride"] == {"16": 8, "32": 8}
     expected = perplexity(load_eval_model(model_dir), [stream], [16, 32], stride=8)
     for name in ("base", "again"):
         for length in (16, 32):

@@ -570,58 +570,96 @@ def parse_float_list(text: str, what: str) -> list[float]:
     return values
 
 
-def _prepare_out_dir(out: str) -> Path:
+def _prepare_out_dir(out: str | os.PathLike) -> Path:
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory for the results")
+        raise UserError(f"output {out} is a file: give a directory for the results")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
 def run_ppl(args) -> int:
-    """`longctx eval ppl`: table on stdout, perplexity.json and perplexity.png in --out."""
+    """`longctx eval ppl`."""
+    evaluate_perplexity(
+        parse_model_specs(args.model),
+        args.data,
+        parse_int_list(args.lengths, "--lengths"),
+        args.out,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+    )
+    return 0
+
+
+def run_passkey(args) -> int:
+    """`longctx eval passkey`."""
     models = parse_model_specs(args.model)
-    lengths = parse_int_list(args.lengths, "--lengths")
-    if args.stride is not None and not 1 <= args.stride <= min(lengths):
-        raise UserError(f"--stride {args.stride} must be between 1 and the shortest length {min(lengths)}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
-    if args.max_tokens < 0:
-        raise UserError(f"--max-tokens {args.max_tokens} must be >= 0 (0: every held-out token)")
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data {args.data} is not a directory: give held-out shards, e.g. <prep out>/val")
+    evaluate_passkey(
+        models,
+        args.tokenizer or _tokenizer_beside(next(iter(models.values()))),
+        parse_int_list(args.lengths, "--lengths"),
+        parse_float_list(args.depths, "--depths"),
+        args.out,
+        num_trials=args.trials,
+        seed=args.seed,
+    )
+    return 0
+
+
+def evaluate_perplexity(
+    models: dict[str, str],
+    data_dir: str | os.PathLike,
+    lengths: list[int],
+    out_dir: str | os.PathLike,
+    *,
+    stride: int | None = None,
+    batch_size: int = 1,
+    max_tokens: int = 0,
+) -> dict[str, Any]:
+    """Perplexity of each model ({name: model dir or checkpoint}) at each length on held-out shards.
+
+    Rank 0 prints a table and writes perplexity.json (returned) and perplexity.png to out_dir. Every model's
+    positions and vocabulary are checked before the first one is evaluated.
+    """
+    if stride is not None and not 1 <= stride <= min(lengths):
+        raise UserError(f"stride {stride} must be between 1 and the shortest length {min(lengths)}")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size} must be >= 1")
+    if max_tokens < 0:
+        raise UserError(f"max tokens {max_tokens} must be >= 0 (0: every held-out token)")
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data {data_dir} is not a directory: give held-out shards, e.g. <prep out>/val")
     init_distributed_from_env()
     rank, _ = _rank_and_world()
-    out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)
-    stream = load_heldout_stream(args.data, args.max_tokens)
+    out_dir = _prepare_out_dir(out_dir) if rank == 0 else Path(out_dir)
+    stream = load_heldout_stream(data_dir, max_tokens)
     if len(stream) < max(lengths) + 1:
         raise UserError(
-            f"the held-out data in {args.data} has {len(stream)} tokens, fewer than the longest length "
+            f"the held-out data in {data_dir} has {len(stream)} tokens, fewer than the longest length "
             f"{max(lengths)} + 1: evaluate shorter lengths or hold out more data (prep.val_fraction)"
         )
-    for name, path in models.items():  # every model is checked before the first is evaluated
+    for name, path in models.items():
         config = eval_model_config(path)
         check_context_reach(config, lengths, name)
         if int(stream.max()) >= config.vocab_size:
             raise UserError(
-                f"held-out tokens in {args.data} reach id {int(stream.max())} but {name} has "
+                f"held-out tokens in {data_dir} reach id {int(stream.max())} but {name} has "
                 f"{config.vocab_size} token embeddings: evaluate on shards packed with the model's tokenizer"
             )
     results = {}
     for name, path in models.items():
         model = load_eval_model(path)
-        results[name] = perplexity(
-            model, [stream], lengths, stride=args.stride, batch_size=args.batch_size, progress=True
-        )
+        results[name] = perplexity(model, [stream], lengths, stride=stride, batch_size=batch_size, progress=True)
         del model
+    report = {
+        "data": str(data_dir),
+        "num_stream_tokens": len(stream),
+        "stride": {length: stride or length for length in lengths},
+        "lengths": lengths,
+        "models": {name: {"path": str(models[name]), "results": results[name]} for name in models},
+    }
     if rank == 0:
-        report = {
-            "data": str(args.data),
-            "num_stream_tokens": len(stream),
-            "stride": {length: args.stride or length for length in lengths},
-            "lengths": lengths,
-            "models": {name: {"path": models[name], "results": results[name]} for name in models},
-        }
         write_json(report, out_dir / "perplexity.json")
         plot_perplexity(
             {name: {length: r["perplexity"] for length, r in by_length.items()} for name, by_length in results.items()},
@@ -629,7 +667,7 @@ def run_ppl(args) -> int:
         )
         print(format_perplexity_table(results))
         print(f"scored {len(stream) - 1} tokens per length; wrote {out_dir / 'perplexity.json'}, perplexity.png")
-    return 0
+    return report
 
 
 def _tokenizer_beside(model_dir: str) -> Path:
@@ -642,22 +680,31 @@ def _tokenizer_beside(model_dir: str) -> Path:
     return path
 
 
-def run_passkey(args) -> int:
-    """`longctx eval passkey`: accuracy tables on stdout, passkey.json and one heat map per model in --out."""
-    models = parse_model_specs(args.model)
-    lengths = parse_int_list(args.lengths, "--lengths")
-    depths = parse_float_list(args.depths, "--depths")
+def evaluate_passkey(
+    models: dict[str, str],
+    tokenizer_path: str | os.PathLike,
+    lengths: list[int],
+    depths: list[float],
+    out_dir: str | os.PathLike,
+    *,
+    num_trials: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Passkey accuracy of each model ({name: model dir or checkpoint}) per length and depth.
+
+    Rank 0 prints a table per model and writes passkey.json (returned) and passkey_<name>.png to out_dir.
+    """
     if any(not 0 <= d <= 1 for d in depths):
-        raise UserError(f"--depths {args.depths} must lie in [0, 1]: 0 is the start of the text, 1 its end")
-    if args.trials < 1:
-        raise UserError(f"--trials {args.trials} must be >= 1")
+        raise UserError(f"depths {depths} must lie in [0, 1]: 0 is the start of the text, 1 its end")
+    if num_trials < 1:
+        raise UserError(f"trials {num_trials} must be >= 1")
     from data_prep.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or _tokenizer_beside(next(iter(models.values()))))
+    tokenizer = load_tokenizer(tokenizer_path)
     init_distributed_from_env()
     rank, _ = _rank_and_world()
-    out_dir = _prepare_out_dir(args.out) if rank == 0 else Path(args.out)
-    for name, path in models.items():  # every model is checked before the first is evaluated
+    out_dir = _prepare_out_dir(out_dir) if rank == 0 else Path(out_dir)
+    for name, path in models.items():
         config = eval_model_config(path)
         check_context_reach(config, lengths, name)
         if tokenizer.vocab_size > config.vocab_size:
@@ -668,17 +715,16 @@ def run_passkey(args) -> int:
     results = {}
     for name, path in models.items():
         model = load_eval_model(path)
+        generate = greedy_generator(model)
         results[name] = passkey_accuracy(
-            greedy_generator(model), tokenizer, lengths, depths, num_trials=args.trials, seed=args.seed, progress=True
+            generate, tokenizer, lengths, depths, num_trials=num_trials, seed=seed, progress=True
         )
-        del model
+        del model, generate
+    report = {"seed": seed, "models": {name: {"path": str(models[name]), **r} for name, r in results.items()}}
     if rank == 0:
-        write_json(
-            {"seed": args.seed, "models": {n: {"path": models[n], **r} for n, r in results.items()}},
-            out_dir / "passkey.json",
-        )
+        write_json(report, out_dir / "passkey.json")
         for name, result in results.items():
             plot_passkey(result, out_dir / f"passkey_{name}.png", title=f"{name}: passkey retrieval")
             print(format_passkey_table(name, result))
         print(f"wrote {out_dir / 'passkey.json'} and a heat map per model")
-    return 0
+    return report

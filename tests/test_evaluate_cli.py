@@ -118,10 +118,10 @@ def test_passkey_end_to_end(model_dir, tmp_path, capsys):
     [
         (["ppl", "--lengths", "16,x"], ["--lengths '16,x' must be comma-separated whole numbers"]),
         (["ppl", "--lengths", "0,16"], ["must list positive numbers"]),
-        (["ppl", "--lengths", "16,32", "--stride", "17"], ["--stride 17 must be between 1 and the shortest length 16"]),
-        (["ppl", "--lengths", "16", "--data", "{tmp}/missing"], ["is not a directory: give held-out shards"]),
-        (["passkey", "--lengths", "300", "--depths", "0,1.5"], ["--depths 0,1.5 must lie in [0, 1]"]),
-        (["passkey", "--lengths", "300", "--trials", "0"], ["--trials 0 must be >= 1"]),
+        (["ppl", "--lengths", "16,32", "--stride", "17"], ["stride 17 must be between 1 and the shortest length 16"]),
+        (["ppl", "--lengths", "16", "--data", "{tmp}/missing"], ["missing is not a directory: give held-out shards"]),
+        (["passkey", "--lengths", "300", "--depths", "0,1.5"], ["depths [0.0, 1.5] must lie in [0, 1]"]),
+        (["passkey", "--lengths", "300", "--trials", "0"], ["trials 0 must be >= 1"]),
         (["passkey", "--lengths", "50"], ["passkey length 50 is too short for the prompt: use lengths >= "]),
     ],
 )

@@ -431,7 +431,7 @@ def passkey_accuracy(
     from tqdm.auto import tqdm
 
     if num_trials < 1:
-        raise UserError(f"--trials {num_trials} must be >= 1")
+        raise UserError(f"trials {num_trials} must be >= 1")
     rng = random.Random(seed)
     tasks = [
         (i, j, str(rng.randrange(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS)))
@@ -439,14 +439,15 @@ def passkey_accuracy(
         for j in range(len(depths))
         for _ in range(num_trials)
     ]
-    # Every prompt is built (cheap) before any generation so that a too-short length fails at once.
-    prompts = [passkey_prompt(tokenizer, context_lengths[i], depths[j], key) for i, j, key in tasks]
+    for length in context_lengths:  # a length too short for the prompt fails now, not after hours of generation
+        passkey_prompt(tokenizer, length, 0.0, "0" * PASSKEY_DIGITS)
     max_new_tokens = len(tokenizer.encode(" " + "9" * PASSKEY_DIGITS + ".")) + 2
     rank, world_size = _rank_and_world()
     correct = torch.zeros(len(context_lengths), len(depths), dtype=torch.float64)
     for index in tqdm(range(rank, len(tasks), world_size), desc="passkey", disable=not progress or rank != 0):
         i, j, key = tasks[index]
-        answer = tokenizer.decode(generate(prompts[index].token_ids, max_new_tokens))
+        prompt = passkey_prompt(tokenizer, context_lengths[i], depths[j], key)
+        answer = tokenizer.decode(generate(prompt.token_ids, max_new_tokens))
         correct[i, j] += extract_passkey(answer) == key
     if world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"

@@ -188,14 +188,19 @@ def load_trained_model(ckpt_dir: str | os.PathLike) -> tuple[torch.nn.Module, Ru
     return model.eval(), cfg
 
 
-def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Save a checkpoint's trained model (LoRA merged, RoPE scaling in config.json) as a HF directory, atomically."""
+def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Save a checkpoint's trained model (LoRA merged, RoPE scaling in config.json) as a HF directory, atomically.
+
+    `tokenizer` (a data_prep.tokenizer.Tokenizer), when given, is saved beside it in Hugging Face format.
+    """
     model, _ = load_trained_model(ckpt_dir)
     model.config.use_cache = True
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_hf(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -149,20 +149,76 @@ def lr_lambda(cfg: RunConfig):
 
 
 def load_train_dataset(cfg: RunConfig, hf_config):
+    """data.train as a PackedDataset, refused unless its seq_len, vocabulary and tokenizer are the model's."""
     from longctx.data import PackedDataset
 
     if not cfg.data.train:
         raise UserError("data.train is not set: give the directory of shards written by `longctx prep pack`")
-    return PackedDataset(
+    dataset = PackedDataset(
         cfg.data.train,
         seq_len=cfg.train.seq_len,
         vocab_size=hf_config.vocab_size,
         isolate_documents=cfg.attention.isolate_documents,
     )
+    check_tokenizer(cfg, dataset.manifest)
+    return dataset
+
+
+# Text whose encoding tells tokenizers apart when their files differ (a HF re-save of a sentencepiece model).
+TOKENIZER_PROBE = "def extend(context):\n    return context * 8  # long contexts, déjà vu, 東京 😀 1234567"
+
+
+def model_tokenizer(cfg: RunConfig):
+    """The tokenizer saved in model.path, or None (random-init model, or a directory without one)."""
+    from data_prep.tokenizer import load_tokenizer
+
+    path = Path(cfg.model.path) if cfg.model.path else None
+    if path is None or not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        return None
+    return load_tokenizer(path)
+
+
+def check_tokenizer(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """Refuse shards packed with another tokenizer than the model's own (when the model directory has one).
+
+    Identical files pass at once; different files (e.g. the same sentencepiece model re-saved in HF format) pass
+    only if the tokenizer the shards were packed with still exists and encodes a probe text identically.
+    """
+    from data_prep.tokenizer import load_tokenizer
+
+    tokenizer = model_tokenizer(cfg)
+    if tokenizer is None or tokenizer.identity["sha256"] == manifest["tokenizer"]["sha256"]:
+        return
+    packed_with = Path(manifest.get("prep_config", {}).get("tokenizer", ""))
+    if packed_with.name and packed_with.exists():
+        other = load_tokenizer(packed_with)
+        signature = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.encode(TOKENIZER_PROBE))
+        if signature(other) == signature(tokenizer):
+            return
+    raise UserError(
+        f"shards in {cfg.data.train} were packed with tokenizer {manifest['tokenizer']['name']} "
+        f"(sha256 {manifest['tokenizer']['sha256'][:12]}), which differs from the one in model.path={cfg.model.path}: "
+        "re-pack the data with the model's tokenizer (longctx prep pack --tokenizer <model dir>)"
+    )
+
+
+def shards_tokenizer(cfg: RunConfig, dataset):
+    """The tokenizer saved with the final model: the model's own, else the one the shards were packed with."""
+    from data_prep.tokenizer import load_tokenizer
+
+    tokenizer = model_tokenizer(cfg)
+    if tokenizer is not None:
+        return tokenizer
+    packed_with = getattr(dataset, "manifest", {}).get("prep_config", {}).get("tokenizer", "")
+    return load_tokenizer(packed_with) if packed_with and Path(packed_with).exists() else None
 
 
 def micro_batches(dataset, sampler, micro_batch_size: int):
-    """Endless stream of (B, N) micro batches in the sampler's order; the sampler's state says how far it got."""
+    """Endless stream of (B, N) micro batches in the sampler's order.
+
+    Indices are drawn only when a micro batch is built (no prefetch), so the sampler's state at a checkpoint is
+    exactly what the finished steps consumed.
+    """
     while True:
         indices: list[int] = []
         for index in sampler:
@@ -171,7 +227,7 @@ def micro_batches(dataset, sampler, micro_batch_size: int):
                 items = [dataset[i] for i in indices]
                 yield {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
                 indices = []
-        sampler.set_epoch(sampler.epoch + 1)
+        # The sampler moved on to the next epoch by itself; a tail shorter than a micro batch is dropped.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +340,7 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
 
     final_dir = output_dir / "final"
     if rank == 0:
-        checkpoint.write_final_model(last_save, final_dir)
+        checkpoint.write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(cfg, dataset))
     dist.barrier()
     summary = metrics.close(checkpoint=str(last_save), final_model=str(final_dir))
     return summary

@@ -4,18 +4,22 @@ The normative definition is in DESIGN.md: head h is shifted iff h >= H/2 (offset
 position id t lies in group floor((t + s_h) / G); token i attends to token j iff j <= i, both lie in the same group
 for head h and (when documents are isolated) in the same segment. Nothing wraps around.
 
-Both head halves reduce to one primitive: "causal attention among tokens that share a key", where the key of a token
-is (segment, group). Two ways to compute it with PyTorch SDPA, neither building an N×N mask:
+How it is computed. Each (sample, head half) is a row of N tokens with a key per token, key = (segment, group); the
+definition is "causal attention among tokens that share a key". Sorting a row by key (stable, so index order and thus
+causality survive among equal keys; a no-op for plain or packed positions, where equal keys are already contiguous)
+turns every key into one contiguous *run* of tokens. Then:
 
-- plain positions (0..N-1, one segment): groups are fixed windows of the sequence, so the tokens are reshaped into
-  (B * num_groups, heads, G, D) and SDPA runs causal inside each window (shifted heads: a half window first);
-- anything else (per-sample positions restarting at document starts, segments, padding): the tokens are sorted by
-  key (stable, so causal order survives; a no-op when equal keys are already contiguous, the packed-document case),
-  cut into blocks of C tokens with C the longest run of one key, and each block attends to itself and the block
-  before it through a (C, 2C) mask of "same key and causal". Memory O(N·C) with C <= G for real inputs.
+- SDPA backend: the runs of the longest length W (<= G for real inputs; with plain positions, every full group) fill
+  windows of exactly W slots; the other runs (half groups of shifted heads, short documents, tails) are packed in
+  order into windows of their own longest length, a run never straddling two windows. Each kind of window, across
+  all samples and both head halves, is ONE SDPA call of shape (windows, H/2, size, D). With one run per window
+  `is_causal` is exact (padding only follows real tokens); windows holding several runs (packed documents) get a
+  (size, size) block-diagonal causal mask each. Memory O(N·G), never N×N.
+- flash backend (flash-attn installed, CUDA, half precision): the runs are the sequences of one
+  `flash_attn_varlen_func` call, cu_seqlens from the run lengths; no padding at all.
 
-With flash-attn installed on CUDA, the second form runs as one `flash_attn_varlen_func` call over the runs
-(cu_seqlens from the run boundaries), which is the same function without the padding of blocks.
+Tokens move between (B, N, H, D) and the window buffer by one index_copy / index_select each way, so autograd adds
+no full-size zero fills per slice.
 
 `register()` makes the function available as `attn_implementation="s2attn"`; `configure()` stores the group size on
 the model config (`config.s2attn`). That attribute is saved into config.json by `save_pretrained`; it is a plain
@@ -25,6 +29,7 @@ registered function computes dense causal attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,10 +39,8 @@ from longctx.errors import UserError
 
 Backend = Literal["auto", "sdpa", "flash"]
 
-# Key given to padding slots added at the end of the last block; real keys are >= 0.
-_END_PAD_KEY = -1
-# Key of the slots before the first block (the "previous block" of block 0); never equal to any other key.
-_FRONT_PAD_KEY = -2
+# Run id of the padding slots of the window buffer; real run ids are >= 0.
+_PADDING_RUN = -1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,19 +82,28 @@ def s2_attention(
     if position_ids is not None:
         position_ids = position_ids.expand(batch, seq_len)
     plain = segment_ids is None and (position_ids is None or _is_arange(position_ids))
+    if position_ids is None or plain:
+        position_ids = torch.arange(seq_len, device=q.device).expand(batch, seq_len)
+
+    offsets = torch.tensor([0, group_size // 2], device=q.device)  # unshifted, shifted head half
+    groups = torch.div(position_ids[:, None, :] + offsets[None, :, None], group_size, rounding_mode="floor")
+    if plain:  # groups already increase along each row: every key is one run
+        layout = _run_layout(groups, None, pack=backend == "sdpa")
+    else:
+        keys = _keys_with_segments(groups, segment_ids)
+        # A stable sort keeps index order among equal keys, so "j <= i" survives the reordering.
+        sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+        layout = _run_layout(sorted_keys, order, pack=backend == "sdpa")
+
     half = num_heads // 2
-    outputs = []
-    for first_head, offset in ((0, 0), (half, group_size // 2)):
-        q_half = q[:, first_head : first_head + half]
-        k_half, v_half = _kv_for_heads(k, v, num_heads, first_head, half)
-        if plain and backend == "sdpa":
-            outputs.append(_sdpa_in_fixed_groups(q_half, k_half, v_half, group_size, offset, scale, dropout))
-            continue
-        if position_ids is None:
-            position_ids = torch.arange(seq_len, device=q.device).expand(batch, seq_len)
-        keys = _group_keys(position_ids, segment_ids, group_size, offset)
-        outputs.append(_attend_by_keys(q_half, k_half, v_half, keys, scale, dropout, backend))
-    return torch.cat(outputs, dim=1).to(q.dtype)
+    # (B, H, N, D) -> rows of (H/2, D), one per (sample, token, head half): the order index_copy/select work in.
+    q_rows = q.transpose(1, 2).reshape(batch * seq_len * 2, half, head_dim)
+    k_rows, v_rows = _kv_rows(k, num_heads), _kv_rows(v, num_heads)
+    if backend == "flash":
+        out_rows = _flash_over_runs(q_rows, k_rows, v_rows, layout, scale, dropout)
+    else:
+        out_rows = _sdpa_over_windows(q_rows, k_rows, v_rows, layout, scale, dropout)
+    return out_rows.view(batch, seq_len, num_heads, head_dim).transpose(1, 2).to(q.dtype)
 
 
 def dense_attention(
@@ -104,15 +116,12 @@ def dense_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Dense causal attention with the same segment rule as `s2_attention`; shapes as there."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    gqa = q.shape[1] != k.shape[1]
     if segment_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+        return _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
     seq_len = q.shape[2]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, N, N)
-    mask = (same_segment & causal)[:, None]  # (B, 1, N, N)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return _sdpa(q, k, v, scale=scale, dropout=dropout, mask=(same_segment & causal)[:, None])
 
 
 def segment_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -151,24 +160,124 @@ def _is_arange(position_ids: torch.Tensor) -> bool:
     return bool((position_ids == expected).all())  # host sync: picks the code path
 
 
-def _kv_for_heads(
-    k: torch.Tensor, v: torch.Tensor, num_heads: int, first_head: int, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kv heads read by query heads [first_head, first_head + count), shaped so that GQA maps them right.
+def _keys_with_segments(groups: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, 2, N) key per token and head half: equal keys <=> same group (and same segment when given)."""
+    if segment_ids is None:
+        return groups
+    pairs = torch.stack([segment_ids[:, None, :].expand_as(groups), groups], dim=-1).view(-1, 2)
+    _, keys = torch.unique(pairs, dim=0, return_inverse=True)
+    return keys.view(groups.shape)
 
-    With an even number of kv heads (or one) each half of the query heads reads its own kv heads uniformly, so a
-    slice suffices and kv stays un-repeated. With an odd count > 1 one kv head serves both halves unevenly; those
-    rare layouts get kv repeated to one head per query head.
+
+def _kv_rows(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Hkv, N, D) -> (B * N * 2, kv heads per half, D): the kv heads each query head half reads.
+
+    With an even number of kv heads each half reads its own kv heads, so this is a reshape and kv stays un-repeated;
+    one kv head is shared by both halves; an odd count > 1 serves the halves unevenly and is repeated per query head.
     """
-    num_kv_heads = k.shape[1]
+    batch, num_kv_heads, seq_len, head_dim = x.shape
+    x = x.transpose(1, 2)  # (B, N, Hkv, D)
     if num_kv_heads == 1:
-        return k, v
-    heads_per_kv = num_heads // num_kv_heads
-    if num_kv_heads % 2 == 0:
-        first_kv, num_kv = first_head // heads_per_kv, count // heads_per_kv
-        return k[:, first_kv : first_kv + num_kv], v[:, first_kv : first_kv + num_kv]
-    kv_index = torch.arange(first_head, first_head + count, device=k.device) // heads_per_kv
-    return k[:, kv_index], v[:, kv_index]
+        x = x.expand(batch, seq_len, 2, head_dim)
+    elif num_kv_heads % 2:
+        x = x[:, :, torch.arange(num_heads, device=x.device) // (num_heads // num_kv_heads)]
+    return x.reshape(batch * seq_len * 2, x.shape[2] // 2, head_dim)
+
+
+@dataclass
+class _Windows:
+    """`count` windows of `size` slots each, starting at buffer slot `first_slot`."""
+
+    first_slot: int
+    count: int
+    size: int
+    run_of_slot: torch.Tensor | None  # (count * size,) run id per slot, padding -1; None: one run per window
+
+
+@dataclass
+class _RunLayout:
+    """Where each (sample, token, head half) row goes in the buffer the kernel reads, and how runs are delimited."""
+
+    slot_of_row: torch.Tensor  # (B * N * 2,) buffer slot of each row, rows in (sample, token, half) order
+    num_slots: int
+    padding_slots: torch.Tensor | None  # slots no row maps to (zeroed), None when there are none
+    windows: list[_Windows]  # SDPA: the buffer cut into windows; flash: unused
+    run_lengths: torch.Tensor  # (num_runs,) in buffer order (flash: the varlen sequences)
+    longest_run: int
+
+
+def _pack_runs(lengths: list[int]) -> tuple[list[int], list[tuple[int, int, int, bool]]]:
+    """First buffer slot of each run, and the windows as (first_slot, count, size, shared).
+
+    Runs of the longest length W fill windows of W slots exactly (no padding, the bulk of plain positions). The
+    others (half groups of shifted heads, short documents, tails) are packed in order into windows of their own
+    longest length, a new window whenever the next run does not fit; `shared` says some window holds several runs.
+    """
+    longest = max(lengths)
+    run_slot_start = [0] * len(lengths)
+    full = [i for i, length in enumerate(lengths) if length == longest]
+    for position, i in enumerate(full):
+        run_slot_start[i] = position * longest
+    windows = [(0, len(full), longest, False)]
+    rest = [i for i, length in enumerate(lengths) if length != longest]
+    if rest:
+        size = max(lengths[i] for i in rest)
+        first_slot, window_index, used, shared = len(full) * longest, 0, 0, False
+        for i in rest:
+            if used + lengths[i] > size:
+                window_index, used = window_index + 1, 0
+            shared |= used > 0
+            run_slot_start[i] = first_slot + window_index * size + used
+            used += lengths[i]
+        windows.append((first_slot, window_index + 1, size, shared))
+    return run_slot_start, windows
+
+
+def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: bool) -> _RunLayout:
+    """Cut each sorted (sample, half) row into runs of equal keys and give every token a buffer slot.
+
+    pack=True (SDPA): runs go into windows (see `_pack_runs`). pack=False (flash varlen): runs laid end to end.
+    order: (B, 2, N) token index at each sorted position (None: identity).
+    """
+    batch, _, seq_len = sorted_keys.shape
+    device = sorted_keys.device
+    num_rows = sorted_keys.numel()
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
+    starts = starts.view(-1)  # runs never cross a (sample, half) row: each row starts one
+    run_id = starts.long().cumsum(0) - 1  # (B * 2 * N,) in sorted order
+    run_first = starts.nonzero().squeeze(1)
+    run_lengths = torch.diff(run_first, append=torch.tensor([num_rows], device=device))
+    lengths = run_lengths.tolist()  # host sync: the packing is host-side control flow
+
+    windows: list[_Windows] = []
+    if pack:
+        starts_list, packed_windows = _pack_runs(lengths)
+        run_slot_start = torch.tensor(starts_list, device=device)
+        num_slots = sum(count * size for _, count, size, _ in packed_windows)
+    else:
+        run_slot_start, num_slots, packed_windows = run_first, num_rows, []
+    sorted_slot = run_slot_start[run_id] + torch.arange(num_rows, device=device) - run_first[run_id]
+    for first_slot, count, size, shared in packed_windows:
+        run_of_slot = None
+        if shared:
+            run_of_slot = torch.full((num_slots,), _PADDING_RUN, device=device)
+            run_of_slot[sorted_slot] = run_id
+            run_of_slot = run_of_slot[first_slot : first_slot + count * size]
+        windows.append(_Windows(first_slot, count, size, run_of_slot))
+
+    token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
+    sample = torch.arange(batch, device=device)[:, None, None]
+    half = torch.arange(2, device=device)[None, :, None]
+    row = ((sample * seq_len + token) * 2 + half).reshape(-1)  # row of each sorted position
+    slot_of_row = torch.empty_like(sorted_slot)
+    slot_of_row[row] = sorted_slot
+    padding_slots = None
+    if num_slots > num_rows:
+        is_padding = torch.ones(num_slots, dtype=torch.bool, device=device)
+        is_padding[sorted_slot] = False
+        padding_slots = is_padding.nonzero().squeeze(1)
+    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, run_lengths, max(lengths))
 
 
 def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
@@ -178,109 +287,72 @@ def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
     )
 
 
-def _sdpa_in_fixed_groups(q, k, v, group_size: int, offset: int, scale: float, dropout: float) -> torch.Tensor:
-    """Causal attention inside windows [offset + m·G, offset + (m+1)·G), plus [0, offset) first; positions 0..N-1."""
-    seq_len = q.shape[2]
-    parts = []
-    head = min(offset, seq_len)
-    if head:  # the half group at the start of shifted heads
-        parts.append(
-            _sdpa(q[:, :, :head], k[:, :, :head], v[:, :, :head], scale=scale, dropout=dropout, is_causal=True)
+class _RowsToSlots(torch.autograd.Function):
+    """(rows, h, D) -> (num_slots, h, D) by an injective row -> slot map, padding slots zero.
+
+    Written out because autograd's own backward of the inverse (index_select) is a zero fill plus scatter-add, where
+    an injective map only needs a gather; and only padding slots are ever zeroed.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, layout):
+        ctx.layout = layout
+        return _scatter_rows(rows, layout)
+
+    @staticmethod
+    def backward(ctx, grad_slots):
+        return grad_slots.index_select(0, ctx.layout.slot_of_row), None
+
+
+class _SlotsToRows(torch.autograd.Function):
+    """(num_slots, h, D) -> (rows, h, D): the inverse of `_RowsToSlots`."""
+
+    @staticmethod
+    def forward(ctx, slots, layout):
+        ctx.layout = layout
+        return slots.index_select(0, layout.slot_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        return _scatter_rows(grad_rows, ctx.layout), None
+
+
+def _scatter_rows(rows: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
+    slots = rows.new_empty(layout.num_slots, *rows.shape[1:]).index_copy_(0, layout.slot_of_row, rows)
+    if layout.padding_slots is not None:
+        slots.index_fill_(0, layout.padding_slots, 0)
+    return slots
+
+
+def _to_buffer(rows: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
+    return _RowsToSlots.apply(rows, layout)
+
+
+def _from_buffer(slots: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
+    return _SlotsToRows.apply(slots, layout)
+
+
+def _sdpa_over_windows(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, dropout: float) -> torch.Tensor:
+    head_dim = q_rows.shape[-1]
+    buffers = [_to_buffer(rows, layout) for rows in (q_rows, k_rows, v_rows)]  # (num_slots, h, D) each
+    # split, not slicing: its backward is one cat instead of a zero-filled buffer per slice
+    sizes = [windows.count * windows.size for windows in layout.windows]
+    pieces = [x.split(sizes) for x in buffers]
+    outputs = []
+    for index, windows in enumerate(layout.windows):
+        # (slots, h, D) -> (count, h, size, D)
+        q, k, v = (
+            x[index].view(windows.count, windows.size, x[index].shape[1], head_dim).transpose(1, 2) for x in pieces
         )
-    if seq_len > head:
-        parts.append(_causal_in_windows(q[:, :, head:], k[:, :, head:], v[:, :, head:], group_size, scale, dropout))
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-
-def _causal_in_windows(q, k, v, window: int, scale: float, dropout: float) -> torch.Tensor:
-    """Causal attention within consecutive windows of `window` tokens; the last window may be short.
-
-    The tail is padded at the END of the last window: causal attention keeps every real token away from the padding.
-    """
-    batch, num_heads, seq_len, head_dim = q.shape
-    num_windows = -(-seq_len // window)
-    pad = num_windows * window - seq_len
-
-    def windows(x):  # (B, h, N, D) -> (B * num_windows, h, window, D)
-        x = F.pad(x, (0, 0, 0, pad)) if pad else x
-        x = x.view(x.shape[0], x.shape[1], num_windows, window, head_dim).transpose(1, 2)
-        return x.reshape(-1, x.shape[2], window, head_dim)
-
-    out = _sdpa(windows(q), windows(k), windows(v), scale=scale, dropout=dropout, is_causal=True)
-    out = out.view(batch, num_windows, num_heads, window, head_dim).transpose(1, 2)  # (B, h, num_windows, window, D)
-    return out.reshape(batch, num_heads, num_windows * window, head_dim)[:, :, :seq_len]
-
-
-def _group_keys(position_ids: torch.Tensor, segment_ids: torch.Tensor | None, group_size: int, offset: int):
-    """(B, N) int64 key per token: tokens attend to each other (causally) iff their keys are equal."""
-    groups = torch.div(position_ids + offset, group_size, rounding_mode="floor")
-    if segment_ids is None:
-        return groups - groups.amin(dim=-1, keepdim=True)
-    pairs = torch.stack([segment_ids.expand_as(groups), groups], dim=-1).view(-1, 2)
-    _, keys = torch.unique(pairs, dim=0, return_inverse=True)
-    return keys.view(groups.shape)
-
-
-def _attend_by_keys(q, k, v, keys: torch.Tensor, scale: float, dropout: float, backend: str) -> torch.Tensor:
-    """Causal attention among tokens with equal keys. q: (B, h, N, D), k/v: (B, hkv, N, D), keys: (B, N) >= 0."""
-    batch, _, seq_len, _ = q.shape
-    # A stable sort keeps index order among equal keys, so "j <= i" survives; packed inputs are already sorted.
-    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    permuted = not bool((order == torch.arange(seq_len, device=q.device)).all())  # host sync: picks the code path
-    if permuted:
-        q, k, v = (_take_tokens(x, order) for x in (q, k, v))
-    run_starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-    run_starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
-    run_index = run_starts.view(-1).long().cumsum(0) - 1  # runs numbered across the whole batch
-    run_lengths = torch.bincount(run_index)
-    longest_run = int(run_lengths.max())  # host sync: sizes the blocks
-    if backend == "flash":
-        out = _flash_varlen_runs(q, k, v, run_lengths, longest_run, scale, dropout)
-    else:
-        out = _sdpa_banded(q, k, v, sorted_keys, longest_run, scale, dropout)
-    if permuted:
-        out = _take_tokens(out, torch.argsort(order, dim=-1))
-    return out
-
-
-def _take_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x[b, :, order[b, i]] for every b, i: (B, h, N, D) reordered along N."""
-    return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-
-
-def _sdpa_banded(q, k, v, keys: torch.Tensor, block: int, scale: float, dropout: float) -> torch.Tensor:
-    """Causal same-key attention when equal keys are contiguous runs of at most `block` tokens.
-
-    Any token a query may see lies within `block` tokens before it, so query block m attends to key blocks m-1 and m
-    under a (block, 2·block) mask: memory O(N · block), never N×N.
-    """
-    batch, num_heads, seq_len, head_dim = q.shape
-    num_blocks = -(-seq_len // block)
-    end_pad = num_blocks * block - seq_len
-
-    def query_blocks(x):  # (B, h, N, D) -> (B * num_blocks, h, block, D)
-        x = F.pad(x, (0, 0, 0, end_pad))
-        x = x.view(batch, x.shape[1], num_blocks, block, head_dim).transpose(1, 2)
-        return x.reshape(batch * num_blocks, x.shape[2], block, head_dim)
-
-    def key_bands(x):  # (B, hkv, N, D) -> (B * num_blocks, hkv, 2 * block, D): previous block then own block
-        x = F.pad(x, (0, 0, block, end_pad))
-        x = x.view(batch, x.shape[1], num_blocks + 1, block, head_dim).transpose(1, 2)
-        return torch.cat([x[:, :-1], x[:, 1:]], dim=3).reshape(batch * num_blocks, x.shape[2], 2 * block, head_dim)
-
-    padded_keys = F.pad(keys, (block, end_pad), value=_END_PAD_KEY)
-    padded_keys[:, :block] = _FRONT_PAD_KEY
-    key_blocks = padded_keys.view(batch, num_blocks + 1, block)
-    query_keys = key_blocks[:, 1:]  # (B, num_blocks, block)
-    band_keys = torch.cat([key_blocks[:, :-1], key_blocks[:, 1:]], dim=2)  # (B, num_blocks, 2 * block)
-    # In band coordinates query i sits at block + i, so "j <= i" is j <= i + block.
-    causal = torch.ones(block, 2 * block, dtype=torch.bool, device=q.device).tril(diagonal=block)
-    mask = (query_keys[..., :, None] == band_keys[..., None, :]) & causal  # (B, num_blocks, block, 2 * block)
-    mask = mask.view(batch * num_blocks, 1, block, 2 * block)
-
-    out = _sdpa(query_blocks(q), key_bands(k), key_bands(v), scale=scale, dropout=dropout, mask=mask)
-    out = out.view(batch, num_blocks, num_heads, block, head_dim).transpose(1, 2)  # (B, h, num_blocks, block, D)
-    return out.reshape(batch, num_heads, num_blocks * block, head_dim)[:, :, :seq_len]
+        if windows.run_of_slot is None:  # one run per window, padding after it: plain causal is exact
+            out = _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
+        else:
+            runs = windows.run_of_slot.view(windows.count, windows.size)
+            causal = torch.ones(windows.size, windows.size, dtype=torch.bool, device=runs.device).tril()
+            mask = ((runs[:, :, None] == runs[:, None, :]) & causal)[:, None]  # (count, 1, size, size)
+            out = _sdpa(q, k, v, scale=scale, dropout=dropout, mask=mask)
+        outputs.append(out.transpose(1, 2).reshape(-1, q_rows.shape[1], head_dim))
+    return _from_buffer(torch.cat(outputs) if len(outputs) > 1 else outputs[0], layout)
 
 
 def _flash_varlen():
@@ -291,27 +363,22 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def _flash_varlen_runs(q, k, v, run_lengths: torch.Tensor, longest_run: int, scale: float, dropout: float):
-    """flash-attn varlen over the runs of equal keys (each run one causal sequence). GPU only."""
-    batch, num_heads, seq_len, head_dim = q.shape
-    cu_seqlens = F.pad(run_lengths.cumsum(0), (1, 0)).to(torch.int32)
-
-    def tokens(x):  # (B, h, N, D) -> (B * N, h, D)
-        return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], head_dim)
-
+def _flash_over_runs(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, dropout: float) -> torch.Tensor:
+    """flash-attn varlen with each run one causal sequence. GPU only."""
+    cu_seqlens = F.pad(layout.run_lengths.cumsum(0), (1, 0)).to(torch.int32)
     out = _flash_varlen()(
-        tokens(q),
-        tokens(k),
-        tokens(v),
+        _to_buffer(q_rows, layout),
+        _to_buffer(k_rows, layout),
+        _to_buffer(v_rows, layout),
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=longest_run,
-        max_seqlen_k=longest_run,
+        max_seqlen_q=layout.longest_run,
+        max_seqlen_k=layout.longest_run,
         dropout_p=dropout,
         softmax_scale=scale,
         causal=True,
     )
-    return out.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)
+    return _from_buffer(out, layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -199,3 +199,41 @@ def test_bad_group_size_and_heads_are_user_errors():
     q3, k3, v3 = random_qkv(1, 3, 1, 8)
     with pytest.raises(UserError, match="even head count"):
         s2_attention(q3, k3, v3, 4)
+
+
+def fake_flash_varlen(
+    q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal
+):
+    """flash_attn_varlen_func's contract in plain PyTorch: each cu_seqlens span is one causal sequence."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k) and causal
+    lengths = cu_seqlens_q.diff()
+    assert max_seqlen_q == max_seqlen_k == int(lengths.max()) and int(cu_seqlens_q[-1]) == q.shape[0]
+    outputs = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        q_run, k_run, v_run = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, L, D)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_run, k_run, v_run, is_causal=True, scale=softmax_scale, enable_gqa=True
+        )
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def test_flash_varlen_plumbing_matches_reference(monkeypatch):
+    # No GPU here: the varlen kernel is replaced by its contract, which tests the run layout and cu_seqlens.
+    from longctx import attention
+
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: fake_flash_varlen)
+    monkeypatch.setattr(attention, "resolve_backend", lambda backend, q: "flash")
+    position_ids = packed_positions([[7, 19, 14], [40]])
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(2, 8, 2, 40, seed=4)
+    for kwargs in ({}, {"position_ids": position_ids, "segment_ids": segment_ids}, {"position_ids": position_ids}):
+        expected = reference_attention(q, k, v, 8, **kwargs)
+        got = s2_attention(q, k, v, 8, **kwargs)
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_backend_without_flash_is_a_user_error():
+    q, k, v = random_qkv(1, 4, 2, 8)
+    with pytest.raises(UserError, match="attention.backend=auto"):
+        s2_attention(q, k, v, 4, backend="flash")

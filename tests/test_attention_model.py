@@ -185,3 +185,10 @@ def test_configure_rejects_bad_settings():
         attention.configure(model, group_size_ratio=1.5)
     with pytest.raises(UserError, match="backend"):
         attention.configure(model, backend="triton")
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused():
+    model = tiny_model("mistral", "s2attn", sliding_window=16)
+    attention.configure(model, group_size=GROUP_SIZE)
+    with pytest.raises(UserError, match="sliding_window"):
+        model(inputs())

@@ -189,8 +189,8 @@ class SequencePacker:
         return self.seq_len, num_tail
 
 
-def _length_histogram_bin(lengths: np.ndarray) -> np.ndarray:
-    return np.floor(np.log2(np.maximum(lengths, 1)) * HIST_BINS_PER_OCTAVE).astype(np.int64)
+def _histogram_bin(num_tokens: int) -> int:
+    return int(math.log2(num_tokens) * HIST_BINS_PER_OCTAVE)
 
 
 def _percentiles(histogram: list[int]) -> dict[str, int]:
@@ -417,7 +417,7 @@ def _select_documents(config, window, docs, lengths, hashes, seen_hashes, weight
             continue
         stats["documents_read"] += 1
         stats["tokens_read"] += n
-        stats["length_histogram"][int(_length_histogram_bin(np.array([n]))[0])] += 1
+        stats["length_histogram"][_histogram_bin(n)] += 1
         if hashes is not None:
             h = int(hashes[i])
             if h in seen_hashes:

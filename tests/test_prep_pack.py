@@ -162,3 +162,35 @@ def test_kill_minus_9_then_rerun_is_byte_identical(corpus, tmp_path):
     killed_manifest = json.loads((out / "train" / "manifest.json").read_text())
     whole_manifest["prep_config"].pop("out"), killed_manifest["prep_config"].pop("out")
     assert whole_manifest == killed_manifest
+
+
+def test_cli_summary_rerun_and_saved_config_reproduce_the_run(corpus, tmp_path, capsys):
+    from longctx.cli import main
+
+    corpus_dir, _, tok_path = corpus
+    argv = ["prep", "pack", "--quiet", "--input", str(corpus_dir), "--tokenizer", str(tok_path), "--out"]
+    argv += [str(tmp_path), "--seq-len", "128", "--num-workers", "1", "--val-fraction", "0.2"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {k.strip(): v.strip() for k, v in (line.strip().split("  ", 1) for line in table.splitlines()[1:])}
+    assert rows["train: sequences x 128"] == str(summary["splits"]["train"]["sequences"])
+    assert "tokens/s" in table and "val: documents packed" in table
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(["prep", "pack", "--quiet", "--config", str(tmp_path / "prep_config.yaml")]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_length_percentiles_are_close():
+    from data_prep.pack import HIST_BINS_PER_OCTAVE, _histogram_bin, _percentiles
+
+    lengths = np.random.default_rng(0).integers(1, 100_000, size=5000)
+    histogram = [0] * (64 * HIST_BINS_PER_OCTAVE)
+    for n in lengths:
+        histogram[_histogram_bin(int(n))] += 1
+    pct = _percentiles(histogram)
+    for p in (10, 50, 90):
+        exact = np.percentile(lengths, p)
+        assert abs(pct[f"p{p}"] - exact) / exact < 0.05, (p, pct, exact)
+    assert pct["p100"] >= lengths.max() * 0.97

@@ -1,0 +1,224 @@
+"""Packing throughput and memory: `longctx prep pack` vs `datasets.map(batched, num_proc=N)` + group_texts.
+
+Both pipelines start from the same JSONL corpus (the Python standard library's sources, repeated up to
+--corpus-mb) and end with fixed-length sequences of --seq-len tokens, using the same sentencepiece tokenizer
+(BOS + tokens + EOS per document in both). Each runs in its own process tree; wall time covers the whole
+pipeline (the baseline's JSON → Arrow load included, as a user would run it), and peak RSS is the largest sum
+of RSS over the process tree, sampled every 50 ms.
+
+    .venv/bin/python benchmarks/prep_throughput.py --corpus-mb 1024
+
+Writes benchmarks/results/prep_throughput.json. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASELINE = r"""
+import time
+started = time.perf_counter()  # the pipeline's time: process start to grouped sequences (counting excluded)
+import sys
+import datasets
+from data_prep.tokenizer import load_tokenizer
+
+corpus, tokenizer_path, seq_len, num_proc, cache = sys.argv[1:6]
+seq_len, num_proc = int(seq_len), int(num_proc)
+tok = load_tokenizer(tokenizer_path)
+bos, eos = tok.bos_id, tok.eos_id
+
+def tokenize(batch):
+    return {"input_ids": [[bos] + ids + [eos] for ids in tok.encode_batch(batch["text"])]}
+
+def group_texts(batch):  # the run_clm.py recipe: concatenate, drop the remainder, cut into blocks
+    concatenated = [t for ids in batch["input_ids"] for t in ids]
+    total = len(concatenated) // seq_len * seq_len
+    return {"input_ids": [concatenated[i : i + seq_len] for i in range(0, total, seq_len)]}
+
+ds = datasets.load_dataset("json", data_files=corpus, split="train", cache_dir=cache)
+ds = ds.map(tokenize, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
+grouped = ds.map(group_texts, batched=True, num_proc=num_proc)
+seconds = time.perf_counter() - started
+num_tokens = sum(len(x) for batch in ds.iter(batch_size=10000) for x in batch["input_ids"])
+print("BASELINE_TOKENS", num_tokens, "SEQUENCES", len(grouped), "SECONDS", seconds)
+"""
+
+
+def build_corpus(path: Path, target_bytes: int) -> int:
+    """JSONL of stdlib sources repeated until target_bytes; each copy gets a distinct first line."""
+    if path.exists() and path.stat().st_size >= target_bytes:
+        return path.stat().st_size
+    sys.path.insert(0, str(REPO))
+    from longctx.demo import stdlib_inputs
+
+    files = sorted(
+        f for root in stdlib_inputs() for f in ([Path(root)] if root.endswith(".py") else Path(root).rglob("*.py"))
+    )
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    tmp = path.with_name(path.name + ".partial")
+    written, copy = 0, 0
+    with open(tmp, "w") as out:
+        while written < target_bytes:
+            for text in texts:
+                line = json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n"
+                out.write(line)
+                written += len(line)
+            copy += 1
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def run_measured(argv: list[str], env=None) -> dict:
+    """Run a command; wall time, CPU time of the whole tree, and peak RSS summed over the tree (sampled)."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    output = process.stdout.read()
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # counts every waited-for descendant
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    if process.returncode:
+        raise SystemExit(f"{argv[:4]} failed ({process.returncode}):\n{output[-3000:]}")
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": peak / 2**20, "output": output}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus-mb", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count())
+    parser.add_argument("--workdir", default="/tmp/longctx-prep-bench")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--result", default=str(REPO / "benchmarks" / "results" / "prep_throughput.json"))
+    args = parser.parse_args()
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / f"stdlib-{args.corpus_mb}mb.jsonl"
+    corpus_bytes = build_corpus(corpus, args.corpus_mb << 20)
+    tokenizer = work / "tokenizer.model"
+    if not tokenizer.exists():
+        sys.path.insert(0, str(REPO))
+        from data_prep.sources import Skipped, iter_corpus
+        from data_prep.tokenizer import train_sentencepiece
+        from longctx.demo import DEMO_MAX_SENTENCES, DEMO_VOCAB_SIZE, stdlib_inputs
+
+        docs = (x for _, x in iter_corpus(stdlib_inputs(), glob="**/*.py", text_field="text", strict=False))
+        train_sentencepiece(
+            (d for d in docs if not isinstance(d, Skipped)),
+            DEMO_VOCAB_SIZE,
+            tokenizer,
+            max_sentences=DEMO_MAX_SENTENCES,
+        )
+    print(f"corpus {corpus} ({corpus_bytes / 2**20:.0f} MiB), load average {os.getloadavg()}")
+
+    out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    longctx = str(Path(sys.executable).parent / "longctx")
+    ours = run_measured(
+        [
+            longctx,
+            "prep",
+            "pack",
+            "--quiet",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--seq-len",
+            str(args.seq_len),
+            "--out",
+            str(out),
+            "--num-workers",
+            str(args.num_proc),
+        ]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    ours_tokens = summary["tokens_read"] + summary["splits"]["train"]["special_tokens"]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_start": os.getloadavg()},
+        "corpus_mib": corpus_bytes / 2**20,
+        "seq_len": args.seq_len,
+        "num_proc": args.num_proc,
+        "ours": {
+            "seconds": ours["seconds"],
+            "tokens": ours_tokens,
+            "tokens_per_second": ours_tokens / ours["seconds"],
+            "cpu_seconds": ours["cpu_seconds"],
+            "tokens_per_cpu_second": ours_tokens / ours["cpu_seconds"],
+            "peak_rss_mb": ours["peak_rss_mb"],
+            "sequences": summary["splits"]["train"]["sequences"],
+        },
+    }
+    print(f"ours: {result['ours']}")
+    if not args.skip_baseline:
+        cache = work / "hf-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        baseline = run_measured(
+            [
+                sys.executable,
+                "-c",
+                BASELINE,
+                str(corpus),
+                str(tokenizer),
+                str(args.seq_len),
+                str(args.num_proc),
+                str(cache),
+            ]
+        )
+        words = baseline["output"].split("BASELINE_TOKENS")[1].split()
+        base_tokens, base_sequences, base_seconds = int(words[0]), int(words[2]), float(words[4])
+        assert base_tokens == ours_tokens, (base_tokens, ours_tokens)  # the same work on both sides
+        result["baseline"] = {
+            "seconds": base_seconds,
+            "tokens": base_tokens,
+            "tokens_per_second": base_tokens / base_seconds,
+            "cpu_seconds": baseline["cpu_seconds"],
+            "tokens_per_cpu_second": base_tokens / baseline["cpu_seconds"],
+            "peak_rss_mb": baseline["peak_rss_mb"],
+            "sequences": base_sequences,
+        }
+        result["speedup"] = result["ours"]["tokens_per_second"] / result["baseline"]["tokens_per_second"]
+        result["speedup_per_cpu_second"] = (
+            result["ours"]["tokens_per_cpu_second"] / result["baseline"]["tokens_per_cpu_second"]
+        )
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"baseline: {result['baseline']}")
+        print(f"speedup: {result['speedup']:.2f}x wall, {result['speedup_per_cpu_second']:.2f}x per CPU second")
+    result["machine"]["load_average_at_end"] = os.getloadavg()  # other work on the machine skews both sides
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.result + ".partial")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, args.result)
+    print(f"wrote {args.result}")
+
+
+if __name__ == "__main__":
+    main()

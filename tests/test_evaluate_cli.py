@@ -177,8 +177,9 @@ def test_training_checkpoint_evaluates_like_its_exported_model(tmp_path, capsys)
     from longctx.shards import ShardWriter
 
     run_dir = tmp_path / "run"
+    repo = Path(__file__).resolve().parent.parent
     train = [sys.executable, "tests/dist/train_tiny.py", str(run_dir), "train.max_steps=2", "train.lr=1e-2"]
-    done = subprocess.run(train, capture_output=True, text=True)
+    done = subprocess.run(train, cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     writer = ShardWriter(tmp_path / "val", seq_len=64, dtype=np.uint16, sequences_per_shard=4)
     writer.add(np.random.default_rng(0).integers(0, 96, size=(3, 64)), np.arange(4), np.zeros(3, dtype=np.int64))

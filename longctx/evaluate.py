@@ -487,8 +487,8 @@ def plot_perplexity(results: dict[str, dict[int, float]], path: str | os.PathLik
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, by_length in results.items():
-        lengths = sorted(int(length) for length in by_length)
-        ax.plot(lengths, [by_length[length] for length in lengths], marker="o", label=name)
+        points = sorted((int(length), ppl) for length, ppl in by_length.items())  # keys are str when read from JSON
+        ax.plot([length for length, _ in points], [ppl for _, ppl in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
     all_lengths = sorted({int(length) for by_length in results.values() for length in by_length})
     ax.set_xticks(all_lengths, [str(length) for length in all_lengths])
@@ -515,10 +515,9 @@ def plot_passkey(result: dict[str, Any], path: str | os.PathLike, title: str = "
     image = ax.imshow(accuracy.numpy(), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(result["lengths"])), [str(length) for length in result["lengths"]])
     ax.set_yticks(range(len(result["depths"])), [f"{depth:g}" for depth in result["depths"]])
-    for (row, col), value in zip(
-        [(r, c) for r in range(accuracy.shape[0]) for c in range(accuracy.shape[1])], accuracy.flatten().tolist()
-    ):
-        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    for row in range(accuracy.shape[0]):
+        for col in range(accuracy.shape[1]):
+            ax.text(col, row, f"{accuracy[row, col]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("depth of the key")
     ax.set_title(title or f"Passkey retrieval ({result['trials']} trials per cell)")

@@ -247,7 +247,8 @@ def test_greedy_generator_matches_full_forward(model):
 
 
 def test_plots_and_json_are_written_whole(tmp_path):
-    plot_perplexity({"base": {256: 12.0, 512: 40.0}, "extended": {256: 11.0, 512: 10.5}}, tmp_path / "ppl.png")
+    # Lengths as int (from `perplexity`) or str (from perplexity.json) both plot.
+    plot_perplexity({"base": {256: 12.0, 512: 40.0}, "extended": {"512": 10.5, "256": 11.0}}, tmp_path / "ppl.png")
     passkey = {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "trials": 2, "accuracy": [[1, 0.5, 1], [0, 0, 0.5]]}
     plot_passkey(passkey, tmp_path / "passkey.png")
     write_json(passkey, tmp_path / "passkey.json")

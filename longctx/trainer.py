@@ -10,6 +10,7 @@ steps), so sequences with padding or short documents weigh what their tokens wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,6 +132,27 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+@contextlib.contextmanager
+def partitioned_loading(cfg: RunConfig, ds_config: dict[str, Any]):
+    """Under ZeRO-3, let transformers load model.path inside deepspeed.zero.Init, so that each rank only ever
+    holds its own shard of the weights (a 70B model never lands whole in one process's memory).
+
+    Random-init models (model.init: demo, tests, benchmarks) are small and built whole, because zero.Init draws
+    the random weights in another order: built whole, they are the same weights with or without ZeRO-3.
+    """
+    if not cfg.model.path or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later single-rank loads (the final model on rank 0) must not partition
+        del hf_deepspeed_config
 
 
 def lr_lambda(cfg: RunConfig):
@@ -268,7 +290,8 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
         save_config(cfg, output_dir / "config.yaml")
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
+    with partitioned_loading(cfg, ds_config):
+        model = build_model(cfg)
     if dataset is None:
         dataset = load_train_dataset(cfg, model.config)
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=world_size, rank=rank, seed=cfg.train.seed)

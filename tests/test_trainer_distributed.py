@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,14 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from longctx import checkpoint
+from longctx.config import RunConfig, load_config
 from longctx.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist" / "train_tiny.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from train_tiny import TINY_LLAMA  # noqa: E402
+
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 # 4 sequences = one global batch: every step trains on the same batch (in a new order).
 FIXED_BATCH = ["--num-samples", "4", "train.max_steps=8", "train.lr=1e-2", "train.save_every=0"]
@@ -32,18 +35,20 @@ def losses(output_dir: Path) -> list[float]:
 
 @pytest.mark.distributed
 def test_two_ranks_zero3_train_like_one_rank_and_touch_only_lora_embed_norm(tmp_path):
-    env = {**os.environ, "MASTER_PORT": "29517"}
+    # The base model comes from a directory, as in real use: under ZeRO-3 each rank loads only its shard of it.
+    base = build_model(load_config(RunConfig, None, [TINY_LLAMA, "rope.type=none"]), for_training=False)
+    base.save_pretrained(tmp_path / "base")
+    run = [*FIXED_BATCH, "model.init={}", f"model.path={tmp_path / 'base'}"]
     two = subprocess.run(
-        [str(DEEPSPEED), "--num_gpus", "2", "--master_port", "29517", str(SCRIPT), str(tmp_path / "two"), *FIXED_BATCH],
+        [str(DEEPSPEED), "--num_gpus", "2", "--master_port", "29517", str(SCRIPT), str(tmp_path / "two"), *run],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "one"), *FIXED_BATCH],
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), *run],
         cwd=ROOT,
         capture_output=True,
         text=True,

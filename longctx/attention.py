@@ -9,12 +9,11 @@ definition is "causal attention among tokens that share a key". Sorting a row by
 causality survive among equal keys; a no-op for plain or packed positions, where equal keys are already contiguous)
 turns every key into one contiguous *run* of tokens. Then:
 
-- SDPA backend: the runs of the longest length W (<= G for real inputs; with plain positions, every full group) fill
-  windows of exactly W slots; the other runs (half groups of shifted heads, short documents, tails) are packed in
-  order into windows of their own longest length, a run never straddling two windows. Each kind of window, across
-  all samples and both head halves, is ONE SDPA call of shape (windows, H/2, size, D). With one run per window
-  `is_causal` is exact (padding only follows real tokens); windows holding several runs (packed documents) get a
-  (size, size) block-diagonal causal mask each. Memory O(N·G), never N×N.
+- SDPA backend: every run gets its own window, its length rounded up to one of at most 16 sizes (multiples of
+  longest_run / 16), padding after the run. Windows of one size, across all samples and both head halves, are ONE
+  SDPA call of shape (windows, H/2, size, D) with `is_causal`, exact because padding only follows real tokens: no
+  mask at all, memory O(N·G), never N×N. Plain positions give full groups, the shifted heads' half groups and the
+  tails, so at most three calls and no padding but the tails'.
 - flash backend (flash-attn installed, CUDA, half precision): the runs are the sequences of one
   `flash_attn_varlen_func` call, cu_seqlens from the run lengths; no padding at all.
 
@@ -39,8 +38,9 @@ from longctx.errors import UserError
 
 Backend = Literal["auto", "sdpa", "flash"]
 
-# Run id of the padding slots of the window buffer; real run ids are >= 0.
-_PADDING_RUN = -1
+# SDPA windows come in at most this many sizes: a run of length L sits in a window of L rounded up to a multiple of
+# longest_run / _WINDOW_SIZE_CLASSES, so padding adds at most ~1/16 of the longest run to any window.
+_WINDOW_SIZE_CLASSES = 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,12 +186,10 @@ def _kv_rows(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 @dataclass
 class _Windows:
-    """`count` windows of `size` slots each, starting at buffer slot `first_slot`."""
+    """`count` windows of `size` slots each, one run per window (padding after it)."""
 
-    first_slot: int
     count: int
     size: int
-    run_of_slot: torch.Tensor | None  # (count * size,) run id per slot, padding -1; None: one run per window
 
 
 @dataclass
@@ -201,42 +199,40 @@ class _RunLayout:
     slot_of_row: torch.Tensor  # (B * N * 2,) buffer slot of each row, rows in (sample, token, half) order
     num_slots: int
     padding_slots: torch.Tensor | None  # slots no row maps to (zeroed), None when there are none
-    windows: list[_Windows]  # SDPA: the buffer cut into windows; flash: unused
+    windows: list[_Windows]  # SDPA: the buffer cut into windows, in buffer order; flash: unused
     run_lengths: torch.Tensor  # (num_runs,) in buffer order (flash: the varlen sequences)
     longest_run: int
 
 
-def _pack_runs(lengths: list[int]) -> tuple[list[int], list[tuple[int, int, int, bool]]]:
-    """First buffer slot of each run, and the windows as (first_slot, count, size, shared).
+def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Tensor, list[_Windows]]:
+    """First buffer slot of each run, and the windows, when every run gets its own window.
 
-    Runs of the longest length W fill windows of W slots exactly (no padding, the bulk of plain positions). The
-    others (half groups of shifted heads, short documents, tails) are packed in order into windows of their own
-    longest length, a new window whenever the next run does not fit; `shared` says some window holds several runs.
+    A run's window is its length rounded up to a multiple of `step`; runs of one window size are adjacent in the
+    buffer (largest size first), so each size is one SDPA call over (count, heads, size, D) with is_causal, exact
+    because padding only follows real tokens. With plain positions that is full groups, the half groups of shifted
+    heads and the tails: no padding but the tails'.
     """
-    longest = max(lengths)
-    run_slot_start = [0] * len(lengths)
-    full = [i for i, length in enumerate(lengths) if length == longest]
-    for position, i in enumerate(full):
-        run_slot_start[i] = position * longest
-    windows = [(0, len(full), longest, False)]
-    rest = [i for i, length in enumerate(lengths) if length != longest]
-    if rest:
-        size = max(lengths[i] for i in rest)
-        first_slot, window_index, used, shared = len(full) * longest, 0, 0, False
-        for i in rest:
-            if used + lengths[i] > size:
-                window_index, used = window_index + 1, 0
-            shared |= used > 0
-            run_slot_start[i] = first_slot + window_index * size + used
-            used += lengths[i]
-        windows.append((first_slot, window_index + 1, size, shared))
+    step = max(16, -(-longest_run // _WINDOW_SIZE_CLASSES))
+    sizes = -(-run_lengths // step) * step
+    class_sizes, class_of_run = torch.unique(sizes, return_inverse=True)
+    class_sizes, class_of_run = class_sizes.flip(0), len(class_sizes) - 1 - class_of_run  # largest first
+    counts = torch.bincount(class_of_run, minlength=len(class_sizes))
+    class_first_slot = F.pad((counts * class_sizes).cumsum(0), (1, 0))[:-1]
+    class_first_run = F.pad(counts.cumsum(0), (1, 0))[:-1]
+    by_class = torch.argsort(class_of_run, stable=True)
+    rank_in_class = torch.empty_like(by_class)
+    rank_in_class[by_class] = (
+        torch.arange(len(by_class), device=by_class.device) - class_first_run[class_of_run[by_class]]
+    )
+    run_slot_start = class_first_slot[class_of_run] + rank_in_class * sizes
+    windows = [_Windows(count, size) for count, size in zip(counts.tolist(), class_sizes.tolist())]  # host sync
     return run_slot_start, windows
 
 
 def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: bool) -> _RunLayout:
     """Cut each sorted (sample, half) row into runs of equal keys and give every token a buffer slot.
 
-    pack=True (SDPA): runs go into windows (see `_pack_runs`). pack=False (flash varlen): runs laid end to end.
+    pack=True (SDPA): each run gets a window (see `_window_slots`). pack=False (flash varlen): runs end to end.
     order: (B, 2, N) token index at each sorted position (None: identity).
     """
     batch, _, seq_len = sorted_keys.shape
@@ -248,23 +244,14 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
     run_id = starts.long().cumsum(0) - 1  # (B * 2 * N,) in sorted order
     run_first = starts.nonzero().squeeze(1)
     run_lengths = torch.diff(run_first, append=torch.tensor([num_rows], device=device))
-    lengths = run_lengths.tolist()  # host sync: the packing is host-side control flow
 
-    windows: list[_Windows] = []
+    longest_run = int(run_lengths.max())  # host sync: sizes the windows
     if pack:
-        starts_list, packed_windows = _pack_runs(lengths)
-        run_slot_start = torch.tensor(starts_list, device=device)
-        num_slots = sum(count * size for _, count, size, _ in packed_windows)
+        run_slot_start, windows = _window_slots(run_lengths, longest_run)
+        num_slots = sum(w.count * w.size for w in windows)
     else:
-        run_slot_start, num_slots, packed_windows = run_first, num_rows, []
+        run_slot_start, num_slots, windows = run_first, num_rows, []
     sorted_slot = run_slot_start[run_id] + torch.arange(num_rows, device=device) - run_first[run_id]
-    for first_slot, count, size, shared in packed_windows:
-        run_of_slot = None
-        if shared:
-            run_of_slot = torch.full((num_slots,), _PADDING_RUN, device=device)
-            run_of_slot[sorted_slot] = run_id
-            run_of_slot = run_of_slot[first_slot : first_slot + count * size]
-        windows.append(_Windows(first_slot, count, size, run_of_slot))
 
     token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
     sample = torch.arange(batch, device=device)[:, None, None]
@@ -277,7 +264,7 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
         is_padding = torch.ones(num_slots, dtype=torch.bool, device=device)
         is_padding[sorted_slot] = False
         padding_slots = is_padding.nonzero().squeeze(1)
-    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, run_lengths, max(lengths))
+    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, run_lengths, longest_run)
 
 
 def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
@@ -344,13 +331,7 @@ def _sdpa_over_windows(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float,
         q, k, v = (
             x[index].view(windows.count, windows.size, x[index].shape[1], head_dim).transpose(1, 2) for x in pieces
         )
-        if windows.run_of_slot is None:  # one run per window, padding after it: plain causal is exact
-            out = _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
-        else:
-            runs = windows.run_of_slot.view(windows.count, windows.size)
-            causal = torch.ones(windows.size, windows.size, dtype=torch.bool, device=runs.device).tril()
-            mask = ((runs[:, :, None] == runs[:, None, :]) & causal)[:, None]  # (count, 1, size, size)
-            out = _sdpa(q, k, v, scale=scale, dropout=dropout, mask=mask)
+        out = _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
         outputs.append(out.transpose(1, 2).reshape(-1, q_rows.shape[1], head_dim))
     return _from_buffer(torch.cat(outputs) if len(outputs) > 1 else outputs[0], layout)
 

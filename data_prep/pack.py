@@ -462,7 +462,7 @@ def _save_state(out: Path, next_window: int, stats, packers, seen_hashes) -> Non
         with open(tmp, "wb") as f:
             np.save(f, np.fromiter(seen_hashes, dtype=np.uint64, count=len(seen_hashes)), allow_pickle=False)
         os.replace(tmp, out / state["dedup_file"])
-    write_json_atomic(out / STATE_FILE, state)
+    write_json_atomic(out / STATE_FILE, state, indent=None)  # compact: it holds token lists
     for path in old_dedup:
         if path.name != state.get("dedup_file"):
             path.unlink()

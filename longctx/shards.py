@@ -55,10 +55,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
 

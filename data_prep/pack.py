@@ -62,11 +62,11 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _encode(texts: list[str], with_hashes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(all ids concatenated as uint32, per-document lengths, per-document content hashes or None)."""
+def _encode(texts: list[str], with_hashes: bool, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(all ids concatenated, in the shard dtype, per-document lengths, per-document content hashes or None)."""
     ids = _worker_tokenizer.encode_batch(texts)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     hashes = None
     if with_hashes:
         hashes = np.array([_content_hash(t) for t in texts], dtype=np.uint64)
@@ -92,7 +92,7 @@ class Window:
     results: list = field(default_factory=list)  # pending tokenizer results, in document order
 
 
-def _submitted_windows(pool, items, first_index: int, window_docs: int, with_hashes: bool):
+def _submitted_windows(pool, items, first_index: int, window_docs: int, with_hashes: bool, dtype: np.dtype):
     """Read windows of documents, handing each TASK_CHARS of text to the pool as soon as it is read, so that
     reading overlaps tokenizing; yields windows whose `results` are still pending."""
     window, task, task_chars = Window(first_index), [], 0
@@ -100,7 +100,7 @@ def _submitted_windows(pool, items, first_index: int, window_docs: int, with_has
     def submit():
         nonlocal task, task_chars
         if task:
-            window.results.append(pool.apply_async(_encode, (task, with_hashes)))
+            window.results.append(pool.apply_async(_encode, (task, with_hashes, dtype.name)))
         task, task_chars = [], 0
 
     for input_index, item in items:
@@ -131,7 +131,7 @@ def _tokenized_windows(windows, with_hashes: bool):
         window = in_flight.popleft()
         parts = [r.get() for r in window.results]
         window.results = []
-        flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
+        flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint16)
         lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         hashes = np.concatenate([p[2] for p in parts]) if parts and with_hashes else None
         return window, flat, lengths, hashes
@@ -336,8 +336,8 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
     if state and config.dedup:
         seen_hashes = set(np.load(out / state["dedup_file"], allow_pickle=False).tolist())
     weights = config.weights or [1.0] * len(config.inputs)
-    bos = [tokenizer.bos_id] if config.add_bos else []
-    eos = [tokenizer.eos_id] if config.add_eos else []
+    bos = np.array([tokenizer.bos_id] if config.add_bos else [], dtype=dtype)
+    eos = np.array([tokenizer.eos_id] if config.add_eos else [], dtype=dtype)
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
 
     items = iter_corpus(config.inputs, glob=config.glob, text_field=config.text_field, strict=config.strict)
@@ -349,7 +349,7 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
     bar = tqdm(unit=" docs", disable=not progress, initial=stats["documents_read"], dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")  # workers start clean: no forked locks or threads
     with context.Pool(num_workers, initializer=_init_worker, initargs=(config.tokenizer,)) as pool:
-        windows = _submitted_windows(pool, items, first_window, config.window_docs, config.dedup)
+        windows = _submitted_windows(pool, items, first_window, config.window_docs, config.dedup, dtype)
         for window, flat, lengths, hashes in _tokenized_windows(windows, config.dedup):
             docs = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
             by_split = _select_documents(config, window, docs, lengths, hashes, seen_hashes, weights, stats)
@@ -358,7 +358,7 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
                 split_stats["documents"] += len(selected)
                 split_stats["document_tokens"] += int(sum(len(d) for d in selected))
                 split_stats["special_tokens"] += len(selected) * (len(bos) + len(eos))
-                packers[name].add([np.concatenate([bos, d, eos]).astype(dtype) for d in selected])
+                packers[name].add([np.concatenate([bos, d, eos]) for d in selected])
             stats["source_items"] += window.num_items
             tokens_this_run += int(lengths.sum())
             _save_state(out, window.index + 1, stats, packers, seen_hashes if config.dedup else None)

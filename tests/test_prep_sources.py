@@ -87,3 +87,16 @@ def test_pack_reads_mixed_sources_in_order(tokenizer_path, tmp_path):
     pack(config, progress=False)
     tok = load_tokenizer(tokenizer_path)
     assert read_documents(tmp_path / "out" / "train") == [tok.encode(d) for d in DOCS]
+
+
+def test_prep_tokenizer_command(tmp_path, capsys):
+    from longctx.cli import main
+
+    write_text_dir(tmp_path / "c", synthetic_docs(30))
+    (tmp_path / "c" / "skip.bin").write_bytes(b"\xff\x00\xfe")
+    out = tmp_path / "t.model"
+    assert main(["prep", "tokenizer", "--input", str(tmp_path / "c"), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert "vocab 300, bos=1 eos=2 pad=3" in capsys.readouterr().out
+    assert load_tokenizer(out).decode(load_tokenizer(out).encode("naïve 東京")) == "naïve 東京"
+    code = main(["prep", "tokenizer", "--input", str(tmp_path / "c"), "--vocab-size", "300", "--out", str(tmp_path)])
+    assert code == 2 and "must end in .model" in capsys.readouterr().err

@@ -66,8 +66,43 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
     return path
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(json.loads((path / COMPLETE_MARKER).read_text())["step"])
+# What a resumed run may change: how long it runs and how it logs and saves. Anything else (model, data, batch,
+# optimizer) would silently continue a different run from this one's weights and optimizer state.
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.resume",
+    "train.output_dir",
+    "data.val",
+    "data.num_workers",
+}
+
+
+def check_resumable(path: Path, cfg: RunConfig) -> None:
+    """Refuse to resume from a checkpoint whose run had other settings than cfg (beyond RESUMABLE_CHANGES)."""
+    from longctx.config import to_dict
+
+    saved, current = _flatten(to_dict(load_run_config(path))), _flatten(to_dict(cfg))
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    changed = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
+        raise UserError(
+            f"train.output_dir={cfg.train.output_dir} holds checkpoints of a different run ({shown}): "
+            "use another train.output_dir, or train.resume=none to start over there"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "init":
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def save_checkpoint(

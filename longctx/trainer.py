@@ -17,6 +17,7 @@ import os
 import resource
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +279,18 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
 
     from longctx.data import ResumableDistributedSampler
 
+    # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if cfg.parallel.sequence_parallel_size > 1:
         raise UserError("parallel.sequence_parallel_size > 1 is not supported by the trainer yet: set it to 1")
     ds_config = resolve_deepspeed_config(cfg, world_size)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    resume_from = checkpoint.find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, cfg)
     output_dir = Path(cfg.train.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +318,6 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
     num_trainable, num_total = count_parameters(engine.module)
 
     step = 0
-    resume_from = checkpoint.find_resume_checkpoint(cfg)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(engine, resume_from)
         sampler.load_state_dict(state["sampler"])

@@ -67,9 +67,12 @@ def test_killed_mid_save_resumes_from_the_last_complete_checkpoint_bit_exactly(t
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-def test_finished_run_is_not_trained_again(tmp_path):
+def test_finished_run_is_not_trained_again_and_another_run_is_not_resumed(tmp_path):
     first = run_tiny(tmp_path, "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     again = run_tiny(tmp_path, "train.max_steps=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 2" in again.stdout and [m["step"] for m in metrics(tmp_path)] == [1, 2]
+    other = run_tiny(tmp_path, "train.max_steps=4", "train.lr=0.5")
+    assert other.returncode != 0
+    assert "holds checkpoints of a different run (train.lr: 0.003 -> 0.5)" in other.stderr

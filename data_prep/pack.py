@@ -372,6 +372,8 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
     for name, packer in packers.items():
         last_num_valid, num_tail = packer.finish_tail(config.tail, pad_id)
         stats["splits"][name]["tail_tokens_" + ("padded" if config.tail == "pad" else "dropped")] = num_tail
+        if config.tail == "pad":
+            stats["splits"][name]["padding_tokens"] = config.seq_len - num_tail if num_tail else 0
         if packer.num_sequences == 0 and name == "train":
             raise UserError(
                 f"the corpus packs into 0 sequences of {config.seq_len} tokens: "
@@ -498,6 +500,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             (f"{name}: sequences x {summary['seq_len']}", split["sequences"]),
             (f"{name}: tail tokens {tail_key.removeprefix('tail_tokens_')}", split[tail_key]),
         ]
+        if "padding_tokens" in split:
+            rows.append((f"{name}: padding tokens (masked in the loss)", split["padding_tokens"]))
     pct = summary["document_length_percentiles"]
     if pct:
         rows.append(("document tokens p0/p10/p50/p90/p99/p100 (≈)", "/".join(str(v) for v in pct.values())))

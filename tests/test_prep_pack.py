@@ -50,6 +50,7 @@ def test_round_trip_equals_tokenizer_output_in_order(corpus, tmp_path):
     assert len(shards) == split["sequences"] and shards.manifest["dtype"] == "uint16"
     last = len(shards) - 1
     assert shards.num_valid(last) == split["tail_tokens_padded"] > 0
+    assert split["padding_tokens"] == 128 - split["tail_tokens_padded"]
     assert (shards[last][shards.num_valid(last) :] == tokenizer.pad_id).all()
 
 

@@ -119,6 +119,10 @@ def dense_attention(
     if segment_ids is None:
         return _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
     seq_len = q.shape[2]
+    if q.shape[1] % 2 == 0:
+        # With G > 2N every position lies in group 0 for both head halves, so S²-Attn's runs are exactly the
+        # segments: causal attention within each document without an N×N mask.
+        return s2_attention(q, k, v, 2 * seq_len + 2, segment_ids=segment_ids, scale=scale, dropout=dropout)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, N, N)
     return _sdpa(q, k, v, scale=scale, dropout=dropout, mask=(same_segment & causal)[:, None])

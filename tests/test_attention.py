@@ -237,3 +237,12 @@ def test_flash_backend_without_flash_is_a_user_error():
     q, k, v = random_qkv(1, 4, 2, 8)
     with pytest.raises(UserError, match="attention.backend=auto"):
         s2_attention(q, k, v, 4, backend="flash")
+
+
+def test_dense_attention_with_an_odd_head_count():
+    segment_ids = segment_ids_from_position_ids(packed_positions([[4, 9]]))
+    q, k, v = random_qkv(1, 3, 1, 13)
+    expected = reference_attention(q, k, v, segment_ids=segment_ids)
+    torch.testing.assert_close(
+        dense_attention(q, k, v, segment_ids=segment_ids).double(), expected, atol=1e-5, rtol=1e-5
+    )

@@ -283,7 +283,7 @@ class ShardSet:
 
     def num_valid(self, i: int) -> int:
         """Tokens of sequence i before tail padding (seq_len except possibly for the last sequence)."""
-        shard, row = self._locate(i)
+        self._locate(i)  # range check
         if i % len(self) == len(self) - 1:
             return int(self.manifest["last_num_valid"])
         return self.seq_len

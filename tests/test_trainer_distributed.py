@@ -48,7 +48,9 @@ def test_two_ranks_zero3_train_like_one_rank_and_touch_only_lora_embed_norm(tmp_
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "one"), *run],
+        # The whole global batch in one micro batch: the plain token mean, whatever the weighting across micro
+        # batches and ranks does; 2 ranks × 2 accumulation steps must reproduce it.
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), *run, "train.micro_batch_size=4"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -40,7 +40,7 @@ DEFAULTS = [
 
 
 class RandomDocuments(torch.utils.data.Dataset):
-    """num_samples sequences of seq_len tokens: a random 8-token motif repeated (learnable), the last 5 padded."""
+    """num_samples sequences of seq_len tokens: a random 8-token motif repeated (learnable), a padded tail."""
 
     def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
@@ -53,7 +53,7 @@ class RandomDocuments(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids = self.input_ids[index]
         labels = input_ids.clone()
-        labels[-5:] = -100
+        labels[-(5 + 7 * (index % 4)) :] = -100  # unequal token counts: the loss must weight by tokens
         return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(len(input_ids))}
 
 

@@ -168,9 +168,10 @@ def _keys_with_segments(groups: torch.Tensor, segment_ids: torch.Tensor | None) 
     """(B, 2, N) key per token and head half: equal keys <=> same group (and same segment when given)."""
     if segment_ids is None:
         return groups
-    pairs = torch.stack([segment_ids[:, None, :].expand_as(groups), groups], dim=-1).view(-1, 2)
-    _, keys = torch.unique(pairs, dim=0, return_inverse=True)
-    return keys.view(groups.shape)
+    # key = segment rank * (group span) + group: one integer per (segment, group) pair, without a row-wise unique.
+    _, segment_rank = torch.unique(segment_ids, return_inverse=True)  # any labels (padding is -1) -> 0, 1, ...
+    groups = groups - groups.amin()
+    return segment_rank[:, None, :] * (groups.amax() + 1) + groups
 
 
 def _kv_rows(x: torch.Tensor, num_heads: int) -> torch.Tensor:

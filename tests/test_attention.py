@@ -246,3 +246,19 @@ def test_dense_attention_with_an_odd_head_count():
     torch.testing.assert_close(
         dense_attention(q, k, v, segment_ids=segment_ids).double(), expected, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_allocation_grows_with_n_squared(packed):
+    # N = 4096: any N×N mask would be >= 16 MiB in one allocation; S²-Attn's largest is O(N·G) (here < 1 MiB).
+    seq_len, group_size = 4096, 64
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 4, 2, seq_len))
+    kwargs = {}
+    if packed:
+        position_ids = packed_positions([[1000, 77, 2019, 1000]])
+        kwargs = {"position_ids": position_ids, "segment_ids": segment_ids_from_position_ids(position_ids)}
+    with torch.profiler.profile(profile_memory=True) as profile:
+        s2_attention(q, k, v, group_size, **kwargs).sum().backward()
+        dense_attention(q, k, v, segment_ids=kwargs.get("segment_ids"))
+    largest = max(event.self_cpu_memory_usage for event in profile.events())
+    assert 0 < largest < seq_len * seq_len // 4

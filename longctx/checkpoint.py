@@ -76,7 +76,6 @@ RESUMABLE_CHANGES = {
     "train.resume",
     "train.output_dir",
     "data.val",
-    "data.num_workers",
 }
 
 

@@ -212,8 +212,6 @@ class DataConfig:
     """Directory of the training shards."""
     val: str = ""
     """Directory of the held-out shards (evaluation)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
 
 
 @dataclass
@@ -270,6 +268,12 @@ class TrainConfig:
             errors.append(f"train.adam_betas={self.adam_betas} must be two values in [0, 1), e.g. [0.9, 0.95]")
         if self.keep_last < 1:
             errors.append(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.gradient_accumulation_steps < 0 or self.global_batch_size < 0:
+            errors.append("train.gradient_accumulation_steps and train.global_batch_size must be >= 0 (0: derived)")
+        if self.warmup_steps < 0 or self.save_every < 0:
+            errors.append("train.warmup_steps and train.save_every must be >= 0 (save_every=0: only at the end)")
+        if self.log_every < 1:
+            errors.append(f"train.log_every={self.log_every} must be >= 1")
 
 
 @dataclass

@@ -83,6 +83,32 @@ def test_batch_of_packed_documents_matches_reference(num_heads, num_kv_heads):
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configurations_match_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    batch, num_kv_heads, heads_per_kv = pick([1, 2, 3]), pick([1, 2, 4]), pick([2, 4, 8])
+    seq_len, group_size = int(torch.randint(1, 80, (1,), generator=generator)), pick([2, 4, 6, 10, 16, 32, 128])
+    layouts = []
+    for _ in range(batch):  # random documents per row
+        cuts = torch.randint(0, 2, (seq_len,), generator=generator).bool() & (
+            torch.rand(seq_len, generator=generator) < 0.1
+        )
+        cuts[0] = True
+        starts = cuts.nonzero().flatten().tolist() + [seq_len]
+        layouts.append([end - start for start, end in zip(starts[:-1], starts[1:])])
+    position_ids = packed_positions(layouts)
+    segment_ids = segment_ids_from_position_ids(position_ids)
+    q, k, v = random_qkv(batch, num_kv_heads * heads_per_kv, num_kv_heads, seq_len, seed=seed)
+    for kwargs in ({}, {"position_ids": position_ids}, {"position_ids": position_ids, "segment_ids": segment_ids}):
+        expected = reference_attention(q, k, v, group_size, **kwargs)
+        got = s2_attention(q, k, v, group_size, **kwargs)
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_restarting_positions_without_isolation_match_reference():
     # No segment ids: documents are not isolated, tokens of different documents share groups by position.
     position_ids = packed_positions([[3, 3, 1, 12, 5], [10, 14]])

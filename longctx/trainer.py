@@ -302,6 +302,11 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
     if dataset is None:
         dataset = load_train_dataset(cfg, model.config)
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=world_size, rank=rank, seed=cfg.train.seed)
+    if len(sampler) < micro:
+        raise UserError(
+            f"the training data has {len(dataset)} sequences, fewer than train.micro_batch_size={micro} per rank "
+            f"on {world_size} rank(s): pack more data or lower the micro batch size"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:  # torch AdamW runs everywhere; a JSON optimizer (e.g. CPU Adam) wins

@@ -76,3 +76,9 @@ def test_finished_run_is_not_trained_again_and_another_run_is_not_resumed(tmp_pa
     other = run_tiny(tmp_path, "train.max_steps=4", "train.lr=0.5")
     assert other.returncode != 0
     assert "holds checkpoints of a different run (train.lr: 0.003 -> 0.5)" in other.stderr
+
+
+def test_too_little_data_for_one_micro_batch_is_refused(tmp_path):
+    result = run_tiny(tmp_path, "--num-samples", "2", "train.micro_batch_size=4", "train.global_batch_size=4")
+    assert result.returncode != 0
+    assert "the training data has 2 sequences, fewer than train.micro_batch_size=4 per rank" in result.stderr

@@ -345,6 +345,7 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
         label_tokens = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in step_batches]).sum()
         label_tokens = label_tokens.to(torch.float64)
         dist.all_reduce(label_tokens)  # host-device sync: the global token count weights every micro batch
+        label_tokens.clamp_(min=1)  # a batch of padding only contributes zero loss, not NaN
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         lr = scheduler.get_last_lr()[0]
         for batch in step_batches:
@@ -376,7 +377,7 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
     if rank == 0:
         checkpoint.write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(cfg, dataset))
     dist.barrier()
-    summary = metrics.close(checkpoint=str(last_save), final_model=str(final_dir))
+    summary = metrics.close(step=step, checkpoint=str(last_save), final_model=str(final_dir))
     return summary
 
 

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(commands)
     _add_train_command(commands)
     _add_eval_commands(commands)
+    _add_export_command(commands)
     return parser
 
 
@@ -112,6 +113,28 @@ def _run_eval(args) -> int:
     from longctx.evaluate import run_passkey, run_ppl
 
     return run_ppl(args) if args.eval_command == "ppl" else run_passkey(args)
+
+
+def _add_export_command(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a training checkpoint as a merged Hugging Face model and/or a PEFT adapter",
+        description="Loads with plain transformers / peft (no longctx needed). Any ZeRO stage, any rank count. "
+        "--format both writes OUT/merged and OUT/adapter.",
+    )
+    export.add_argument("checkpoint", help="a checkpoints/step_N dir, or a training run dir (its newest checkpoint)")
+    export.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    export.add_argument("--format", choices=["merged", "adapter", "both"], default="merged", help="what to write")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype")
+    export.add_argument("--tokenizer", default="", help="tokenizer (default: the run's model.path or data.train one)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from longctx.export import run_export
+
+    return run_export(args)
 
 
 def main(argv: list[str] | None = None) -> int:

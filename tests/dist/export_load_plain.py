@@ -1,0 +1,60 @@
+"""Load exported models with plain transformers / peft only (never longctx) and write their logits on given tokens.
+
+    python tests/dist/export_load_plain.py MERGED_DIR ADAPTER_DIR BASE_DIR OUT_PREFIX TOKEN [TOKEN ...]
+
+Writes OUT_PREFIX.safetensors (logits of: the merged model; the adapter on the base loaded with the adapter's
+config.json; the adapter on the base with its own, unscaled config) and OUT_PREFIX.json (what was loaded: RoPE
+type and factor the models applied, the tokenizer's ids of a probe text, whether longctx was imported).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+TOKENIZER_PROBE = "w5 w7 w90"
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids).logits.float()[0]  # (N, vocab)
+
+
+def main() -> None:
+    merged_dir, adapter_dir, base_dir, out_prefix, *tokens = sys.argv[1:]
+    input_ids = torch.tensor([[int(t) for t in tokens]])
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    scaled_base = AutoModelForCausalLM.from_pretrained(base_dir, config=AutoConfig.from_pretrained(adapter_dir))
+    adapter = PeftModel.from_pretrained(scaled_base, adapter_dir)
+    unscaled = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    save_file(
+        {
+            "merged": logits(merged, input_ids),
+            "adapter": logits(adapter, input_ids),
+            "adapter_on_unscaled_base": logits(unscaled, input_ids),
+        },
+        out_prefix + ".safetensors",
+    )
+    rotary = merged.model.rotary_emb
+    facts = {
+        "merged_rope_type": rotary.rope_type,
+        "merged_rope_parameters": merged.config.rope_parameters,
+        "merged_max_position_embeddings": merged.config.max_position_embeddings,
+        "merged_dtype": str(next(merged.parameters()).dtype),
+        "tokenizer_ids": AutoTokenizer.from_pretrained(merged_dir)(TOKENIZER_PROBE, add_special_tokens=False)[
+            "input_ids"
+        ],
+        "longctx_imported": any(name == "longctx" or name.startswith("longctx.") for name in sys.modules),
+    }
+    with open(out_prefix + ".json", "w") as f:
+        json.dump(facts, f)
+
+
+if __name__ == "__main__":
+    main()

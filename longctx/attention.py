@@ -21,9 +21,10 @@ Tokens move between (B, N, H, D) and the window buffer by one index_copy / index
 no full-size zero fills per slice.
 
 `register()` makes the function available as `attn_implementation="s2attn"`; `configure()` stores the group size on
-the model config (`config.s2attn`). That attribute is saved into config.json by `save_pretrained`; it is a plain
-dict that plain transformers ignores, so exported models load anywhere. In eval mode and during cached decoding the
-registered function computes dense causal attention.
+the model config (`config.s2attn`). The attribute is kept: `save_pretrained` writes it into config.json as a plain
+dict that plain transformers ignores, so such a model loads anywhere (`longctx export` rebuilds the model with dense
+attention, so its exports do not carry it at all). In eval mode and during cached decoding the registered function
+computes dense causal attention.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class ExportResult:
     tokenizer: str
 
     def summary(self) -> str:
-        parts = [f"{kind} {path} ({_size_mb(path):.1f} MB)" for kind, path in self.written.items()]
+        parts = [f"{kind} {path} ({_size_mb(path):.2f} MB)" for kind, path in self.written.items()]
         rope = ", ".join(f"{k}={v}" for k, v in self.rope.items() if k != "rope_theta") or "none"
         return (
             f"exported {self.checkpoint}: {'; '.join(parts)} | dtype {self.dtype} | rope scaling {rope} | "
@@ -90,6 +90,8 @@ def export(
     if out.exists() and not overwrite:
         raise UserError(f"export target {out} already exists: pass --overwrite to replace it, or pick another --out")
     ckpt_dir = resolve_checkpoint(checkpoint)
+    if out.resolve() in (ckpt_dir.resolve(), *ckpt_dir.resolve().parents):
+        raise UserError(f"--out {out} holds the checkpoint being exported: pick another --out")
     cfg = _load_run_config(ckpt_dir)
     kinds = ["adapter", "merged"] if format == "both" else [format]
     if "adapter" in kinds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,13 @@ def write_word_tokenizer(directory: Path) -> None:
     fast.save_pretrained(str(directory))
 
 
+def free_port() -> int:
+    """A TCP port free right now (other test sessions on this machine launch their own process groups)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_tiny_training(command: list[str], output_dir: Path, overrides: list[str]) -> Path:
     result = subprocess.run(
         [*command, str(TRAIN_SCRIPT), str(output_dir), *TRAIN_STEPS, *overrides],
@@ -65,8 +73,11 @@ def zero3_run(tmp_path_factory) -> tuple[Path, Path]:
     base = root / "base"
     build_model(load_config(RunConfig, None, [TINY_LLAMA, "rope.type=none"]), for_training=False).save_pretrained(base)
     write_word_tokenizer(base)
+    # S²-Attn settings as `longctx.attention.configure` stores them: an export must not carry them on.
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"s2attn": {"group_size": 16, "backend": "auto"}}))
     overrides = ["model.init={}", f"model.path={base}", "attention.implementation=s2attn"]
-    launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", "29533"]
+    launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port())]
     return run_tiny_training(launcher, root / "run", overrides), base
 
 
@@ -181,6 +192,8 @@ def test_export_refusals(zero2_run, tmp_path, capsys):
     export(ckpt_dir, existing, tokenizer=tokenizer_dir, overwrite=True)
     assert (existing / "config.json").is_file() and not (existing / "keep.txt").exists()
     assert not list(tmp_path.glob("existing.*"))  # no temporary or replaced directory left behind
+    with pytest.raises(UserError, match="holds the checkpoint being exported"):
+        export(ckpt_dir, zero2_run, tokenizer=tokenizer_dir, overwrite=True)
 
     incomplete = tmp_path / "run" / "checkpoints" / ckpt_dir.name
     shutil.copytree(ckpt_dir, incomplete)

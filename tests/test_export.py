@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from longctx import checkpoint, cli
@@ -82,10 +83,23 @@ def zero3_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory) -> Path:
-    """One rank, ZeRO-2, random-init base (model.init), no tokenizer anywhere in the run."""
+def zero2_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run dir, base dir): one rank, ZeRO-2, a base with tied input/output embeddings and no tokenizer."""
     root = tmp_path_factory.mktemp("export_zero2")
-    return run_tiny_training([sys.executable], root / "run", ["deepspeed.config=ds_configs/stage2.json"])
+    base = root / "base"
+    tied = TINY_LLAMA.replace("vocab_size: 96", "vocab_size: 96, tie_word_embeddings: true")
+    build_model(load_config(RunConfig, None, [tied, "rope.type=none"]), for_training=False).save_pretrained(base)
+    overrides = ["model.init={}", f"model.path={base}", "deepspeed.config=ds_configs/stage2.json"]
+    return run_tiny_training([sys.executable], root / "run", overrides), base
+
+
+def edited_config(ckpt_dir: Path, changes: dict[str, object]) -> str:
+    """The checkpoint's config.yaml with section.key values changed (or added)."""
+    tree = yaml.safe_load((ckpt_dir / "config.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        tree[section][key] = value
+    return yaml.safe_dump(tree)
 
 
 def trained_logits(ckpt_dir: Path) -> torch.Tensor:
@@ -156,7 +170,7 @@ def test_zero3_adapter_carries_trained_lora_embedding_and_norms(zero3_run, tmp_p
 
 
 def test_zero2_one_rank_export_in_bf16_through_the_cli(zero2_run, tmp_path, capsys):
-    ckpt_dir = checkpoint.complete_checkpoints(zero2_run)[-1]
+    ckpt_dir = checkpoint.complete_checkpoints(zero2_run[0])[-1]
     tokenizer_dir = tmp_path / "tokenizer"
     write_word_tokenizer(tokenizer_dir)
     out = tmp_path / "merged"
@@ -177,8 +191,26 @@ def test_zero2_one_rank_export_in_bf16_through_the_cli(zero2_run, tmp_path, caps
     assert AutoTokenizer.from_pretrained(out)("w5 w7", add_special_tokens=False)["input_ids"] == [5, 7]
 
 
+def test_zero2_tied_embeddings_adapter_with_plain_peft(zero2_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run_dir, base_dir = zero2_run
+    adapter_dir = tmp_path / "adapter"
+    result = export(run_dir, adapter_dir, format="adapter", dtype="fp32")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, config=AutoConfig.from_pretrained(adapter_dir))
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    # The output head shares the trained embedding (not the base's), as it did in training.
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    base_embedding = load_file(base_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(head, embedding) and not torch.equal(embedding, base_embedding)
+    with torch.no_grad():
+        logits = model(torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(logits, trained_logits(result.checkpoint), atol=FP32_ATOL, rtol=0)
+
+
 def test_export_refusals(zero2_run, tmp_path, capsys):
-    ckpt_dir = checkpoint.complete_checkpoints(zero2_run)[-1]
+    ckpt_dir = checkpoint.complete_checkpoints(zero2_run[0])[-1]
     tokenizer_dir = tmp_path / "tokenizer"
     write_word_tokenizer(tokenizer_dir)
 
@@ -193,7 +225,7 @@ def test_export_refusals(zero2_run, tmp_path, capsys):
     assert (existing / "config.json").is_file() and not (existing / "keep.txt").exists()
     assert not list(tmp_path.glob("existing.*"))  # no temporary or replaced directory left behind
     with pytest.raises(UserError, match="holds the checkpoint being exported"):
-        export(ckpt_dir, zero2_run, tokenizer=tokenizer_dir, overwrite=True)
+        export(ckpt_dir, zero2_run[0], tokenizer=tokenizer_dir, overwrite=True)
 
     incomplete = tmp_path / "run" / "checkpoints" / ckpt_dir.name
     shutil.copytree(ckpt_dir, incomplete)
@@ -202,20 +234,21 @@ def test_export_refusals(zero2_run, tmp_path, capsys):
         export(incomplete, tmp_path / "a", tokenizer=tokenizer_dir)
     with pytest.raises(UserError, match="no complete checkpoint"):
         export(tmp_path / "run", tmp_path / "b", tokenizer=tokenizer_dir)
+
     (incomplete / checkpoint.COMPLETE_MARKER).write_text("{}")
-    saved_config = (ckpt_dir / "config.yaml").read_text()
     # Another LoRA rank (shapes differ); one LoRA target fewer (the checkpoint holds weights the config lacks).
-    for edited in (saved_config.replace("  r: 8\n", "  r: 4\n"), saved_config.replace("  - o_proj\n", "")):
-        assert edited != saved_config
-        (incomplete / "config.yaml").write_text(edited)
+    for change in ({"lora.r": 4}, {"lora.target_modules": ["q_proj", "k_proj", "v_proj"]}):
+        (incomplete / "config.yaml").write_text(edited_config(ckpt_dir, change))
         with pytest.raises(UserError, match="does not match its own config.yaml"):
             export(incomplete, tmp_path / "b", tokenizer=tokenizer_dir)
-    (incomplete / "config.yaml").write_text(saved_config.replace("lora:\n", "lora:\n  rank: 8\n"))
+    (incomplete / "config.yaml").write_text(edited_config(ckpt_dir, {"lora.rank": 8}))
     with pytest.raises(UserError, match="config.yaml this longctx version cannot read.*lora.rank"):
         export(incomplete, tmp_path / "b", tokenizer=tokenizer_dir)
-
+    random_init = {"model.path": "", "model.init": yaml.safe_load(TINY_LLAMA.split("=", 1)[1])}
+    (incomplete / "config.yaml").write_text(edited_config(ckpt_dir, random_init))
     with pytest.raises(UserError, match="random init.*--format merged"):
-        export(ckpt_dir, tmp_path / "c", format="adapter")
+        export(incomplete, tmp_path / "c", format="adapter")
+
     with pytest.raises(UserError, match="no tokenizer found.*--tokenizer"):
         export(ckpt_dir, tmp_path / "d")
     assert not [p.name for p in tmp_path.iterdir() if p.name[0] in "abcd"]  # refused before writing anything

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,17 +96,20 @@ def export(
     kinds = ["adapter", "merged"] if format == "both" else [format]
     if "adapter" in kinds:
         _check_adapter_possible(cfg)
-    tok = _resolve_tokenizer(cfg, tokenizer)
+    tok = resolve_tokenizer(cfg, tokenizer)
     _check_tokenizer(tok, cfg, needed="merged" in kinds)
 
+    _progress(f"loading {ckpt_dir} (consolidating its ZeRO partitions)")
     model = load_unmerged_model(ckpt_dir, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export in a process of the same id
+    tmp.mkdir(parents=True)
     try:
         written = {}
         for kind in kinds:
             target = tmp / kind if format == "both" else tmp
             final = out / kind if format == "both" else out
+            _progress(f"writing the {kind} model")
             if kind == "adapter":
                 _write_adapter(model, cfg, target, DTYPES[dtype], final, tok)
             else:  # merging replaces the LoRA layers in place, so the adapter (if asked) is written first
@@ -116,9 +119,7 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    config = json.loads(
-        next(p for p in (out / "config.json", out / "merged" / "config.json") if p.is_file()).read_text()
-    )
+    config = json.loads((written[kinds[-1]] / "config.json").read_text())
     return ExportResult(
         checkpoint=ckpt_dir,
         out=out,
@@ -202,7 +203,7 @@ def _check_adapter_possible(cfg: RunConfig) -> None:
         )
 
 
-def _resolve_tokenizer(cfg: RunConfig, explicit: str | os.PathLike | None):
+def resolve_tokenizer(cfg: RunConfig, explicit: str | os.PathLike | None):
     """--tokenizer, else the one in model.path, else the one the training shards were packed with; or None."""
     from data_prep.tokenizer import load_tokenizer
     from longctx.trainer import model_tokenizer
@@ -343,6 +344,10 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _progress(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr, flush=True)
 
 
 def _size_mb(path: Path) -> float:

@@ -252,3 +252,21 @@ def test_export_refusals(zero2_run, tmp_path, capsys):
     with pytest.raises(UserError, match="no tokenizer found.*--tokenizer"):
         export(ckpt_dir, tmp_path / "d")
     assert not [p.name for p in tmp_path.iterdir() if p.name[0] in "abcd"]  # refused before writing anything
+
+
+def test_tokenizer_is_the_one_the_training_shards_were_packed_with(tmp_path):
+    from data_prep.pack import pack
+    from longctx.config import PrepConfig, from_dict
+    from longctx.export import resolve_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    write_word_tokenizer(tokenizer_dir)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "doc.txt").write_text(" ".join(f"w{3 + i % 90}" for i in range(200)))
+    prep = {"inputs": [str(corpus)], "tokenizer": str(tokenizer_dir), "seq_len": 16, "out": str(tmp_path / "data")}
+    pack(from_dict(PrepConfig, prep), progress=False)
+    cfg = load_config(RunConfig, None, [TINY_LLAMA, f"data.train={tmp_path / 'data' / 'train'}"])
+    assert resolve_tokenizer(cfg, None).path == tokenizer_dir  # random-init model: the shards' tokenizer
+    write_word_tokenizer(tmp_path / "other")
+    assert resolve_tokenizer(cfg, tmp_path / "other").path == tmp_path / "other"  # --tokenizer comes first

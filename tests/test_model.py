@@ -111,3 +111,12 @@ def test_missing_or_corrupt_model_directory_is_one_line_error(tmp_path):
 def test_s2attn_group_size_must_divide_the_sequence():
     with pytest.raises(UserError, match="not a multiple of the S²-Attn group size 96"):
         build_model(tiny_config("attention.implementation=s2attn", "attention.group_size=96"))
+
+
+def test_s2attn_needs_an_even_number_of_heads():
+    odd_heads = (
+        "model.init={model_type: llama, hidden_size: 48, intermediate_size: 64, num_hidden_layers: 1, "
+        "num_attention_heads: 3, num_key_value_heads: 1, vocab_size: 64, max_position_embeddings: 64}"
+    )
+    with pytest.raises(UserError, match="S²-Attn shifts half of the heads but the model has 3 heads"):
+        build_model(tiny_config(odd_heads, "attention.implementation=s2attn"))

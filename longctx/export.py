@@ -272,8 +272,10 @@ def _write_adapter(model, cfg: RunConfig, out: Path, dtype: torch.dtype, final_d
         else:
             continue
         tensors[key] = param.detach().to(dtype).contiguous()
-    if tied and peft_config.ensure_weight_tying:
-        tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.model.embed_tokens.weight"].clone()
+    if tied and peft_config.ensure_weight_tying:  # peft's file carries the tied head too, equal to the embedding
+        names = {id(module): name for name, module in model.named_modules()}
+        embedding, head = (names[id(m)] for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+        tensors[f"{head}.weight"] = tensors[f"{embedding}.weight"].clone()
     out.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

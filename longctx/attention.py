@@ -60,12 +60,15 @@ def s2_attention(
     scale: float | None = None,
     dropout: float = 0.0,
     backend: Backend = "auto",
+    num_unshifted_heads: int | None = None,
 ) -> torch.Tensor:
     """Shifted sparse attention exactly as DESIGN.md defines it; returns (B, H, N, D) in q's dtype.
 
     q: (B, H, N, D); k, v: (B, Hkv, N, D) with H divisible by Hkv (query head h reads kv head h // (H / Hkv)).
     position_ids: (B, N) or (1, N), the t of each token (default 0..N-1). segment_ids: (B, N); when given, tokens
     attend only within their own segment (see `segment_ids_from_position_ids` for packed documents).
+    num_unshifted_heads: for a slice of a model's heads (sequence parallelism hands each rank a contiguous slice):
+    how many of these heads lie below the model's H/2, i.e. are unshifted: H/2 (default, all heads here), H or 0.
     """
     batch, num_heads, seq_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -73,6 +76,12 @@ def s2_attention(
         raise UserError(f"S²-Attn group size {group_size} must be even and >= 2: pick an even attention.group_size")
     if num_heads % 2:
         raise UserError(f"S²-Attn shifts half of the heads but there are {num_heads} heads: use an even head count")
+    num_unshifted_heads = num_heads // 2 if num_unshifted_heads is None else num_unshifted_heads
+    if num_unshifted_heads not in (0, num_heads // 2, num_heads):
+        raise UserError(
+            f"S²-Attn got {num_unshifted_heads} unshifted of {num_heads} heads: a head slice must be all unshifted, "
+            "all shifted or split in halves; pick a sequence-parallel degree that divides the heads that way"
+        )
     if num_heads % num_kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[2] != seq_len:
         raise UserError(
             f"S²-Attn got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
@@ -86,7 +95,9 @@ def s2_attention(
     if position_ids is None or plain:
         position_ids = torch.arange(seq_len, device=q.device).expand(batch, seq_len)
 
-    offsets = torch.tensor([0, group_size // 2], device=q.device)  # unshifted, shifted head half
+    # Group offset of the first and second half of the heads here: 0 for unshifted heads, G/2 for shifted ones.
+    offsets = [0 if num_unshifted_heads > half_index * (num_heads // 2) else group_size // 2 for half_index in (0, 1)]
+    offsets = torch.tensor(offsets, device=q.device)
     groups = torch.div(position_ids[:, None, :] + offsets[None, :, None], group_size, rounding_mode="floor")
     if plain:  # groups already increase along each row: every key is one run
         layout = _run_layout(groups, None, pack=backend == "sdpa")

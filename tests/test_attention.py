@@ -288,3 +288,22 @@ def test_no_allocation_grows_with_n_squared(packed):
         dense_attention(q, k, v, segment_ids=kwargs.get("segment_ids"))
     largest = max(event.self_cpu_memory_usage for event in profile.events())
     assert 0 < largest < seq_len * seq_len // 4
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,num_slices", [(8, 2, 2), (8, 4, 4), (12, 3, 3)])
+def test_head_slices_compute_the_full_function(num_heads, num_kv_heads, num_slices):
+    # Sequence parallelism gives each rank a contiguous slice of heads: shifted heads are chosen by global index.
+    position_ids = packed_positions([[11, 30], [41]])
+    kwargs = {"position_ids": position_ids, "segment_ids": segment_ids_from_position_ids(position_ids)}
+    q, k, v = random_qkv(2, num_heads, num_kv_heads, 41, seed=5)
+    heads, kv_heads = num_heads // num_slices, num_kv_heads // num_slices
+    slices = []
+    for index in range(num_slices):
+        unshifted = min(max(num_heads // 2 - index * heads, 0), heads)
+        q_slice = q[:, index * heads : (index + 1) * heads]
+        k_slice, v_slice = (x[:, index * kv_heads : (index + 1) * kv_heads] for x in (k, v))
+        slices.append(s2_attention(q_slice, k_slice, v_slice, 8, num_unshifted_heads=unshifted, **kwargs))
+    expected = reference_attention(q, k, v, 8, **kwargs)
+    torch.testing.assert_close(torch.cat(slices, dim=1).double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="sequence-parallel"):
+        s2_attention(q[:, :4], k[:, :1], v[:, :1], 8, num_unshifted_heads=1)

@@ -457,12 +457,15 @@ def s2attn_forward(
     dropout: float = 0.0,
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    num_unshifted_heads: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The AttentionInterface function: S²-Attn while training, dense causal attention in eval and cached decoding.
 
     query (B, H, Nq, D), key/value (B, Hkv, Nk, D); returns (B, Nq, H, D). Packed documents (position ids restarting
     at 0) are isolated from each other, and padding (a 2D mask from `s2attn_mask`) is never attended to.
+    num_unshifted_heads: see `s2_attention`; a sequence-parallel wrapper that hands this function a slice of the
+    heads passes it.
     """
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -504,6 +507,7 @@ def s2attn_forward(
             scale=scaling,
             dropout=dropout,
             backend=settings.get("backend", "auto"),
+            num_unshifted_heads=num_unshifted_heads,
         )
     return out.transpose(1, 2), None
 

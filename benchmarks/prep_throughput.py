@@ -4,8 +4,9 @@ Both pipelines start from the same JSONL corpus (the Python standard library's s
 --corpus-mb) and end with fixed-length sequences of --seq-len tokens, using the same sentencepiece tokenizer
 (BOS + tokens + EOS per document in both). The baseline runs twice: with exactly longctx's encoder
 (sentencepiece), and as run_clm.py does, with the HF AutoTokenizer converted from the same model.
-Each runs in its own process tree; wall time covers the whole pipeline (the baseline's JSON → Arrow load included, as a user would run it), and peak RSS is the largest sum
-of RSS over the process tree, sampled every 50 ms.
+Each runs in its own process tree; wall time covers the whole pipeline (the baseline's JSON → Arrow load
+included, as a user would run it), and peak RSS is the largest sum of RSS over the process tree, sampled
+every 50 ms. CPU seconds (the whole tree's) are reported too: other work on a shared machine skews wall time.
 
     .venv/bin/python benchmarks/prep_throughput.py --corpus-mb 1024
 

@@ -28,17 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo_command(commands) -> None:
-    demo = commands.add_parser("demo", help="run the pipeline on this machine's Python sources (no download)")
+    demo = commands.add_parser(
+        "demo",
+        help="the whole pipeline on this machine's CPU: data, base model, LongLoRA 8x, evaluation, export",
+        description="Runs on the Python standard library's sources with no download; each stage resumes or is "
+        "skipped when its output is complete.",
+    )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes everything")
-    demo.add_argument("--seq-len", type=int, default=4096, help="tokens per packed sequence")
+    demo.add_argument("--procs", type=int, default=2, help="processes of the LongLoRA stage (deepspeed launcher)")
     demo.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from longctx.demo import prepare_demo_data
+    from longctx.demo import run_demo
 
-    tokenizer, train_dir, val_dir = prepare_demo_data(args.out, seq_len=args.seq_len)
-    print(f"demo data: tokenizer {tokenizer}, train shards {train_dir}, validation shards {val_dir}")
+    run_demo(args.out, num_procs=args.procs)
     return 0
 
 

@@ -327,7 +327,7 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
         state = checkpoint.load_checkpoint(engine, resume_from)
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
-    metrics = MetricsLog(output_dir, rank, resumed_at=step)
+    metrics = MetricsLog(output_dir, rank, resumed_at=step, total_steps=cfg.train.max_steps)
     metrics.message(
         f"training {num_trainable:,} of {num_total:,} parameters on {world_size} rank(s): "
         f"global batch {ds_config['train_batch_size']} = {micro} × {accum} accumulation × {world_size}, "
@@ -398,7 +398,7 @@ def peak_memory_gb() -> float:
 class MetricsLog:
     """Rank 0's step log: one dense printed line, a JSONL line and TensorBoard scalars per step; a tqdm bar."""
 
-    def __init__(self, output_dir: Path, rank: int, resumed_at: int):
+    def __init__(self, output_dir: Path, rank: int, resumed_at: int, total_steps: int | None = None):
         self.enabled = rank == 0
         self.last: dict[str, Any] = {}
         self.start_step = resumed_at
@@ -411,7 +411,7 @@ class MetricsLog:
         _truncate_metrics(self.path, resumed_at)  # lines past the checkpoint belong to the interrupted run
         self.file = self.path.open("a")
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(initial=resumed_at, total=None, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(initial=resumed_at, total=total_steps, unit="step", dynamic_ncols=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -173,6 +173,7 @@ def run_demo(out_dir: str | os.PathLike, *, num_procs: int = 2) -> dict:
 
 def _run_cli(args: list[str], num_procs: int = 1) -> None:
     """One `longctx` command in a child process (through the deepspeed launcher when num_procs > 1)."""
+    import socket
     import subprocess
     import sys
 
@@ -180,7 +181,20 @@ def _run_cli(args: list[str], num_procs: int = 1) -> None:
 
     if num_procs > 1:
         launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(num_procs), "--module", "longctx.cli", *args]
+        # A free rendezvous port, so that a demo never collides with another launcher run on this machine.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [
+            str(launcher),
+            "--num_gpus",
+            str(num_procs),
+            "--master_port",
+            str(port),
+            "--module",
+            "longctx.cli",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "longctx.cli", *args]
     print("$ " + " ".join(cmd), flush=True)

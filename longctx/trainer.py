@@ -15,7 +15,9 @@ import json
 import math
 import os
 import resource
+import signal
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +33,47 @@ from longctx.errors import UserError
 from longctx.model import build_model, count_parameters, resolve_dtype
 
 IGNORE_INDEX = -100
+
+# Exit status of a run stopped by SIGTERM or SIGUSR1 after writing a complete checkpoint (EX_TEMPFAIL: "try
+# again"): launch/slurm.sbatch requeues the job on it and tells it apart from a crash.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint of a preempted run is on disk; exits the process with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class PreemptionFlag:
+    """Notes SIGTERM/SIGUSR1 (SLURM's --signal, a preemption, a `kill`) instead of dying mid-step.
+
+    The handler only sets a flag; the loop all-reduces it at every step boundary, so all ranks stop after the same
+    step even when only some of them were signalled, and checkpoint that step together.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for signum in PREEMPTION_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_rank(self, device) -> bool:
+        """Whether any rank got a signal so far (a collective: every rank calls it at the same step)."""
+        flag = torch.tensor(0 if self.received is None else 1, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
 
 OOM_MESSAGE = (
     "out of memory at train.seq_len={seq_len}, train.micro_batch_size={micro}: the most effective knobs are "
@@ -275,6 +318,14 @@ def train(cfg: RunConfig, *, dataset=None) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
+    preemption = PreemptionFlag()  # from the start: a signal while the model loads still ends in a checkpoint
+    try:
+        return _build_and_train(cfg, dataset, preemption)
+    finally:
+        preemption.restore()
+
+
+def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dict[str, Any]:
     import deepspeed
 
     from longctx.data import ResumableDistributedSampler
@@ -335,10 +386,28 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
     )
 
     batches = micro_batches(dataset, sampler, micro)
-    device = engine.device
-    start = time.perf_counter()
-    last_save = None
     engine.train()
+    last_save = _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step)
+    step = cfg.train.max_steps
+    if last_save is None:  # resumed at max_steps: nothing left to train
+        last_save = checkpoint.complete_checkpoints(cfg.train.output_dir)[-1]
+
+    final_dir = output_dir / "final"
+    if rank == 0:
+        checkpoint.write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(cfg, dataset))
+    dist.barrier()
+    summary = metrics.close(step=step, checkpoint=str(last_save), final_model=str(final_dir))
+    return summary
+
+
+def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step):
+    """Steps from `step` to train.max_steps; returns the last checkpoint written (None if none was).
+
+    Raises Preempted after checkpointing the step at which any rank got SIGTERM/SIGUSR1.
+    """
+    world_size, device, accum = dist.get_world_size(), engine.device, ds_config["gradient_accumulation_steps"]
+    last_save = None
+    start = time.perf_counter()
     while step < cfg.train.max_steps:
         step_start = time.perf_counter()
         step_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
@@ -368,17 +437,19 @@ def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
                 elapsed_s=elapsed,
                 memory_gb=peak_memory_gb(),
             )
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
+        scheduled_save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps
+        preempted = step < cfg.train.max_steps and preemption.any_rank(device)
+        if scheduled_save or preempted:
             last_save = save(engine, step, cfg, ds_config, sampler)
-    if last_save is None:  # resumed at max_steps: nothing left to train
-        last_save = checkpoint.complete_checkpoints(cfg.train.output_dir)[-1]
-
-    final_dir = output_dir / "final"
-    if rank == 0:
-        checkpoint.write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(cfg, dataset))
-    dist.barrier()
-    summary = metrics.close(step=step, checkpoint=str(last_save), final_model=str(final_dir))
-    return summary
+        if preempted:
+            received = signal.Signals(preemption.received).name if preemption.received else "another rank's signal"
+            metrics.message(
+                f"preempted ({received}): checkpoint {last_save} holds step {step}; exiting with "
+                f"{PREEMPTED_EXIT_CODE}, run again with train.resume=auto to continue"
+            )
+            dist.barrier()
+            raise Preempted()
+    return last_save
 
 
 def save(engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], sampler) -> Path:

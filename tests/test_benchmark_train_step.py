@@ -145,3 +145,10 @@ def test_bisection_starts_from_the_sweep_bounds(train_step):
     )
     assert longest == 147_456  # 18 × 8192
     assert all(131_072 < n < 196_608 for n in seen) and len(probes) == len(seen) <= 3
+
+
+def test_bisection_probes_only_multiples_of_the_granularity(train_step):
+    longest, probes = train_step.longest_fitting(
+        lambda n: n <= 8000, known_fit=3000, known_fail=10_000, granularity=3000, limit=30_000
+    )
+    assert longest == 6000 and [n for n, _ in probes] == [6000, 9000]

@@ -420,9 +420,7 @@ def sweep(args) -> dict:
     env = environment()
     preset = Path(args.preset).resolve()
     peak = args.peak_tflops or peak_tflops_of(env["device_name"] if env["device"] == "cuda" else "")
-    for row in rows:
-        achieved = row.get("achieved_tflops")
-        row["mfu"] = achieved / peak if achieved is not None and peak else None
+    add_mfu(rows, peak)
     cfg = run_config(configuration(lengths[0], "s2attn", "lora", 0, 0))
     return {
         "benchmark": "training step: tokens/s, MFU and memory; S²-Attn vs dense, LoRA+embed/norm vs full FT",
@@ -440,6 +438,12 @@ def sweep(args) -> dict:
         "rows": rows,
         "bisection": bisection,
     }
+
+
+def add_mfu(rows: list[dict], peak_tflops: float | None) -> None:
+    for row in rows:
+        achieved = row.get("achieved_tflops")
+        row["mfu"] = achieved / peak_tflops if achieved is not None and peak_tflops else None
 
 
 def summary_line(row: dict) -> str:
@@ -543,6 +547,11 @@ def main() -> None:
         args.steps,
     )
     row = measure_in_fresh_process(config)
+    import torch
+
+    add_mfu(
+        [row], args.peak_tflops or (peak_tflops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
+    )
     print(json.dumps(row, indent=2))
 
 

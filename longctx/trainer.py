@@ -11,6 +11,7 @@ steps), so sequences with padding or short documents weigh what their tokens wei
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -175,7 +176,17 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        try:
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                timeout=datetime.timedelta(seconds=int(os.environ.get("LONGCTX_RENDEZVOUS_TIMEOUT_S", 1800))),
+            )
+        except (RuntimeError, dist.DistError) as e:  # the store's timeout or refusal: say which address it tried
+            raise UserError(
+                f"rendezvous with rank 0 at MASTER_ADDR:MASTER_PORT={address} failed ({str(e).splitlines()[0]}): "
+                "check that this address is reachable from every node and the port is free"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -23,14 +23,15 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG=${CONFIG:-$ROOT/launch/presets/tiny-cpu.yaml}
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=$(command -v deepspeed || echo "$ROOT/.venv/bin/deepspeed")
-[ -x "$DEEPSPEED" ] || { echo "single_node.sh: no deepspeed launcher on PATH or in $ROOT/.venv: run make install" >&2; exit 2; }
-[ -f "$CONFIG" ] || { echo "single_node.sh: CONFIG=$CONFIG does not exist: give a preset from launch/presets/" >&2; exit 2; }
+die() { echo "single_node.sh: $*" >&2; exit 2; }
+[ -x "$DEEPSPEED" ] || die "no deepspeed launcher on PATH or in $ROOT/.venv: run make install"
+[ -f "$CONFIG" ] || die "CONFIG=$CONFIG does not exist: give a preset from launch/presets/"
 
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NPROC=${NPROC:-$([ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2)}
-[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "single_node.sh: NPROC=$NPROC is not a positive number: set NPROC=2 (say)" >&2; exit 2; }
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC is not a positive number: set e.g. NPROC=2"
 if [ "${GPUS:-0}" -gt 0 ] && [ "$NPROC" -gt "$GPUS" ]; then
-  echo "single_node.sh: NPROC=$NPROC but this machine has $GPUS GPU(s): set NPROC=$GPUS or fewer" >&2; exit 2
+  die "NPROC=$NPROC but this machine has $GPUS GPU(s): set NPROC=$GPUS or fewer"
 fi
 echo "single_node.sh: $NPROC process(es) on $(hostname) (${GPUS:-0} GPU(s)), config $CONFIG, overrides: ${*:-none}"
 

@@ -102,12 +102,15 @@ def run_measured(argv: list[str], env=None) -> dict:
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(process.pid)
     peak = 0
+    load_samples = []  # 1-minute load average, once a second: how much other work competed for the cores
     while process.poll() is None:
         try:
             procs = [root, *root.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
         except psutil.Error:
             pass
+        if time.perf_counter() - started >= len(load_samples):
+            load_samples.append(os.getloadavg()[0])
         time.sleep(0.05)
     output = process.stdout.read()
     wall = time.perf_counter() - started
@@ -115,7 +118,14 @@ def run_measured(argv: list[str], env=None) -> dict:
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     if process.returncode:
         raise SystemExit(f"{argv[:4]} failed ({process.returncode}):\n{output[-3000:]}")
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": peak / 2**20, "output": output}
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "cpu_utilization": cpu / wall,  # cores kept busy on average; os.cpu_count() is the ceiling
+        "mean_load_average": sum(load_samples) / max(len(load_samples), 1),
+        "peak_rss_mb": peak / 2**20,
+        "output": output,
+    }
 
 
 def main() -> None:
@@ -182,6 +192,8 @@ def main() -> None:
             "tokens_per_second": ours_tokens / ours["seconds"],
             "cpu_seconds": ours["cpu_seconds"],
             "tokens_per_cpu_second": ours_tokens / ours["cpu_seconds"],
+            "cpu_utilization": ours["cpu_utilization"],
+            "mean_load_average": ours["mean_load_average"],
             "peak_rss_mb": ours["peak_rss_mb"],
             "sequences": summary["splits"]["train"]["sequences"],
         },
@@ -209,6 +221,8 @@ def main() -> None:
                 "tokens_per_second": base_tokens / base_seconds,
                 "cpu_seconds": baseline["cpu_seconds"],
                 "tokens_per_cpu_second": base_tokens / baseline["cpu_seconds"],
+                "cpu_utilization": baseline["cpu_utilization"],  # over the whole run; `seconds` excludes counting
+                "mean_load_average": baseline["mean_load_average"],
                 "peak_rss_mb": baseline["peak_rss_mb"],
                 "sequences": base_sequences,
                 "token_count_difference": base_tokens - ours_tokens,  # HF's conversion differs on rare inputs

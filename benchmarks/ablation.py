@@ -127,11 +127,12 @@ def plot(perplexities: dict[str, dict[int, float]], path: Path) -> None:
     from longctx.evaluate import _save_figure
 
     target = LENGTHS[-1]
+    lengths = sorted(perplexities["base"])  # the lengths scored so far
     fig, (lines_ax, bars_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, by_length in perplexities.items():
-        lines_ax.plot(LENGTHS, [by_length[n] for n in LENGTHS], marker="o", label=name)
+        lines_ax.plot(lengths, [by_length[n] for n in lengths], marker="o", label=name)
     lines_ax.set_xscale("log", base=2)
-    lines_ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+    lines_ax.set_xticks(lengths, [str(n) for n in lengths])
     lines_ax.minorticks_off()
     lines_ax.set_yscale("log")
     lines_ax.set_xlabel("context length (tokens)")
@@ -151,28 +152,12 @@ def plot(perplexities: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo-dir", default="runs/demo", help="the output of `make demo` (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the preset's)")
-    parser.add_argument("--out", default="benchmarks/results", help="where ablation.json and ablation.png go")
-    args = parser.parse_args()
-    try:
-        if args.steps is not None and args.steps < 1:
-            raise UserError(f"--steps {args.steps} must be >= 1 (or left out for the preset's step count)")
-        inputs = demo_inputs(Path(args.demo_dir))
-        overrides = {name: variant_overrides(name, inputs, args.steps) for name in VARIANTS}
-        wall_s = {name: train_variant(name, overrides[name]) for name in VARIANTS}
-        models = {"base": str(inputs["base"]), **{name: str(RUNS / name / "final") for name in VARIANTS}}
-        by_length = {length: evaluate_length(models, inputs["val"], length) for length in LENGTHS}
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    perplexities = {name: {length: by_length[length][name] for length in LENGTHS} for name in models}
-
+def write_report(perplexities, overrides, wall_s, inputs, out: Path) -> None:
+    """ablation.json and ablation.png from the lengths scored so far ({model: {length: perplexity}})."""
     from longctx.config import RunConfig, load_config, to_dict
     from longctx.evaluate import write_json
 
+    lengths = sorted(perplexities["base"])
     variants = {}
     for name in VARIANTS:
         cfg = load_config(RunConfig, PRESET, overrides[name])
@@ -183,7 +168,7 @@ def main() -> int:
             "lr": cfg.train.lr,
             "trainable_parameters": num_trainable,
             "total_parameters": num_total,
-            "perplexity": {str(n): perplexities[name][n] for n in LENGTHS},
+            "perplexity": {str(n): perplexities[name][n] for n in lengths},
             **training_summary(name),
             "train_wall_s": wall_s[name],  # launcher to final model, this call; null when the run was reused
             "output_dir": str(RUNS / name),
@@ -209,27 +194,50 @@ def main() -> int:
         },
         "evaluation": {
             "data": str(inputs["val"]),
-            "lengths": LENGTHS,
+            "lengths": lengths,
             "stride": "L/4",
             "max_tokens": demo.EVAL_TOKENS,
             "attention": "dense (sdpa), float32",
         },
-        "base": {"path": str(inputs["base"]), "perplexity": {str(n): perplexities["base"][n] for n in LENGTHS}},
+        "base": {"path": str(inputs["base"]), "perplexity": {str(n): perplexities["base"][n] for n in lengths}},
         "variants": variants,
         "host": {"platform": platform.platform(), "python": platform.python_version()},
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "ablation.json")
     plot(perplexities, out / "ablation.png")
 
-    print(f"\n{'perplexity':<16}" + "".join(f"{n:>9}" for n in LENGTHS) + f"{'trainable':>12}{'final loss':>12}")
-    for name in models:
-        row = f"{name:<16}" + "".join(f"{perplexities[name][n]:>9.2f}" for n in LENGTHS)
+    print(f"\n{'perplexity':<16}" + "".join(f"{n:>9}" for n in lengths) + f"{'trainable':>12}{'final loss':>12}")
+    for name in perplexities:
+        row = f"{name:<16}" + "".join(f"{perplexities[name][n]:>9.2f}" for n in lengths)
         if name in variants:
             row += f"{variants[name]['trainable_parameters']:>12,}{variants[name]['final_loss']:>12.3f}"
         print(row)
-    print(f"wrote {out / 'ablation.json'}, {out / 'ablation.png'}")
+    print(f"wrote {out / 'ablation.json'}, {out / 'ablation.png'}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-dir", default="runs/demo", help="the output of `make demo` (default runs/demo)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the preset's)")
+    parser.add_argument("--out", default="benchmarks/results", help="where ablation.json and ablation.png go")
+    args = parser.parse_args()
+    try:
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps {args.steps} must be >= 1 (or left out for the preset's step count)")
+        inputs = demo_inputs(Path(args.demo_dir))
+        overrides = {name: variant_overrides(name, inputs, args.steps) for name in VARIANTS}
+        wall_s = {name: train_variant(name, overrides[name]) for name in VARIANTS}
+        models = {"base": str(inputs["base"]), **{name: str(RUNS / name / "final") for name in VARIANTS}}
+        perplexities: dict[str, dict[int, float]] = {name: {} for name in models}
+        # The target length first, and the report rewritten after each length: the headline figure lands early.
+        for length in [LENGTHS[-1], *LENGTHS[:-1]]:
+            for name, ppl in evaluate_length(models, inputs["val"], length).items():
+                perplexities[name][length] = ppl
+            write_report(perplexities, overrides, wall_s, inputs, Path(args.out))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

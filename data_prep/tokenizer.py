@@ -7,6 +7,7 @@ written into the shard manifest so that training can refuse shards made with ano
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ def _sha256_of_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Encode/decode without special tokens; exposes vocab size, special ids and the identity of its files."""
 
     def __init__(self, path: Path, files: list[Path]):
@@ -49,15 +50,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
-    def decode(self, ids) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids) -> str: ...
 
+    @abc.abstractmethod
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         """Write a tokenizer that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads."""
-        raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -186,10 +186,11 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     return from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
 
 
-def load_trained_model(ckpt_dir: str | os.PathLike) -> tuple[torch.nn.Module, RunConfig]:
-    """The trained model of a checkpoint (any ZeRO stage, any rank count) on CPU, in eval mode, LoRA merged.
+def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) -> tuple[torch.nn.Module, RunConfig]:
+    """The trained model of a checkpoint (any ZeRO stage, any rank count) on CPU in fp32, eval mode.
 
-    Attention is dense (evaluation never uses S²-Attn); RoPE scaling is that of the run.
+    LoRA is merged unless merge_lora=False (export keeps the peft wrapper to write an adapter). Attention is dense
+    (evaluation never uses S²-Attn); RoPE scaling is that of the run.
     """
     import dataclasses
 
@@ -205,18 +206,22 @@ def load_trained_model(ckpt_dir: str | os.PathLike) -> tuple[torch.nn.Module, Ru
     dense_cfg = dataclasses.replace(
         cfg,
         attention=dataclasses.replace(cfg.attention, implementation=EVAL_ATTENTION),
-        model=dataclasses.replace(cfg.model, activation_checkpointing=False),
+        model=dataclasses.replace(cfg.model, activation_checkpointing=False, dtype="float32"),
     )
     model = build_model(dense_cfg, for_training=True)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape mismatch, e.g. another lora.r
+        missing, unexpected = [str(e).strip().splitlines()[-1].strip()], []
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
         raise UserError(
-            f"checkpoint {path} does not match its own config (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}): it was written by an incompatible longctx version"
+            f"checkpoint {path} does not match its own config.yaml (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}): it was written by an incompatible longctx version or its "
+            "config.yaml was edited; use the longctx version and config that trained it"
         )
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and merge_lora:
         model = model.merge_and_unload()
     model.requires_grad_(False)
     return model.eval(), cfg
@@ -225,9 +230,13 @@ def load_trained_model(ckpt_dir: str | os.PathLike) -> tuple[torch.nn.Module, Ru
 def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Save a checkpoint's trained model (LoRA merged, RoPE scaling in config.json) as a HF directory, atomically.
 
-    `tokenizer` (a data_prep.tokenizer.Tokenizer), when given, is saved beside it in Hugging Face format.
+    `tokenizer` (a data_prep.tokenizer.Tokenizer), when given, is saved beside it in Hugging Face format. The
+    weights are saved in the run's dtype (bf16 on GPU, fp32 on CPU); `longctx export` writes any other.
     """
-    model, _ = load_trained_model(ckpt_dir)
+    from longctx.model import resolve_dtype
+
+    model, cfg = load_trained_model(ckpt_dir)
+    model.to(resolve_dtype(cfg))
     model.config.use_cache = True
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

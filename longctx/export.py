@@ -16,7 +16,6 @@ Two formats, from any checkpoint (ZeRO-2 or ZeRO-3, any number of ranks; consoli
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from longctx.checkpoint import load_trained_model
 from longctx.config import RunConfig
 from longctx.errors import UserError
 
@@ -100,7 +100,7 @@ def export(
     _check_tokenizer(tok, cfg, needed="merged" in kinds)
 
     _progress(f"loading {ckpt_dir} (consolidating its ZeRO partitions)")
-    model = load_unmerged_model(ckpt_dir, cfg)
+    model, _ = load_trained_model(ckpt_dir, merge_lora=False)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export in a process of the same id
     tmp.mkdir(parents=True)
@@ -160,37 +160,6 @@ def _load_run_config(ckpt_dir: Path) -> RunConfig:
             f"checkpoint {ckpt_dir} has a config.yaml this longctx version cannot read ({e}): "
             "export it with the longctx version that trained it"
         ) from None
-
-
-def load_unmerged_model(ckpt_dir: Path, cfg: RunConfig) -> torch.nn.Module:
-    """The checkpoint's trained model on CPU in fp32, eval mode, with the peft LoRA wrapper kept (not merged).
-
-    Same loading as `longctx.checkpoint.load_trained_model`, stopping before the merge, which would lose the adapter.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from longctx.model import EVAL_ATTENTION, build_model
-
-    dense_cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, activation_checkpointing=False, dtype="float32"),
-        attention=dataclasses.replace(cfg.attention, implementation=EVAL_ATTENTION),
-    )
-    model = build_model(dense_cfg, for_training=True)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # a shape mismatch, e.g. another lora.r
-        missing, unexpected = [str(e).strip().splitlines()[-1].strip()], []
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-    if unexpected or set(missing) - tied:
-        raise UserError(
-            f"checkpoint {ckpt_dir} does not match its own config.yaml (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}): it was written by an incompatible longctx version or its "
-            "config.yaml was edited; export it with the longctx version and config that trained it"
-        )
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def _check_adapter_possible(cfg: RunConfig) -> None:

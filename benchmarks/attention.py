@@ -129,15 +129,9 @@ def time_methods(seq_len: int, shape: dict, device: str, repeats: int) -> dict[s
     return times
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
+    from _env import git_commit  # benchmarks/ is on sys.path when a benchmark runs as a script
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default per device)")

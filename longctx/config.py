@@ -297,6 +297,49 @@ class ParallelConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Activation-memory savers for very long sequences (each off by default; numerics are unchanged)."""
+
+    tiled_mlp: bool = False
+    """Run each MLP over the sequence in tiles, recomputing them in backward, so its N x intermediate activations
+    never exist at once (DeepSpeed ALST's TiledMLP)."""
+    tiled_mlp_shards: int = 0
+    """Tiles per MLP call. 0: ceil(local sequence / hidden size)."""
+    tiled_loss: bool = False
+    """Compute logits and cross-entropy in chunks of `loss_chunk_tokens`, so the full-sequence fp32 logits
+    never exist at once."""
+    loss_chunk_tokens: int = 8192
+    """Tokens per chunk of the tiled loss."""
+    offload_activations: bool = False
+    """Keep activation checkpoints in host memory instead of on the GPU (needs model.activation_checkpointing)."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.tiled_mlp_shards < 0:
+            errors.append(f"memory.tiled_mlp_shards={self.tiled_mlp_shards} must be >= 0 (0: automatic)")
+        if self.loss_chunk_tokens < 1:
+            errors.append(f"memory.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
+
+
+@dataclass
+class QuantConfig:
+    """A 4-bit frozen base (QLoRA / LongQLoRA) via bitsandbytes; LoRA, embeddings and norms stay full precision."""
+
+    type: Literal["none", "nf4", "fp4"] = "none"
+    """4-bit data type of the frozen base linears. none: no quantization."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the 4-bit weights are dequantized to for matmuls. auto: the model's dtype."""
+    storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
+    """Container dtype of the packed 4-bit weights. auto: uint8 under ZeRO-2, the model dtype under ZeRO-3
+    (ZeRO-3 partitions only floating-point tensors)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+
+@dataclass
 class RunConfig:
     """A training (and evaluation) run."""
 
@@ -308,6 +351,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def validate(self, errors: list[str]) -> None:
         attn, train = self.attention, self.train

@@ -135,6 +135,12 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", default="/tmp/longctx-prep-bench")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        choices=["both", "same-encoder", "autotokenizer"],
+        default="both",
+        help="which baseline(s) to run: the same sentencepiece encoder, the run_clm.py-style AutoTokenizer, or both",
+    )
     parser.add_argument("--result", default=str(REPO / "benchmarks" / "results" / "prep_throughput.json"))
     args = parser.parse_args()
 
@@ -205,7 +211,8 @@ def main() -> None:
         from data_prep.tokenizer import load_tokenizer
 
         load_tokenizer(tokenizer).save_hf(hf_dir)
-        for encoder in ("same-encoder", "autotokenizer"):
+        encoders = ("same-encoder", "autotokenizer") if args.baseline == "both" else (args.baseline,)
+        for encoder in encoders:
             cache = work / "hf-cache"
             shutil.rmtree(cache, ignore_errors=True)
             argv = [str(corpus), str(tokenizer), str(args.seq_len), str(args.num_proc), str(cache), encoder]

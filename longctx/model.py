@@ -105,7 +105,8 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     """The model of a run: base weights + RoPE scaling + attention; for training also LoRA and trainable parts.
 
     for_training=False gives the plain scaled base (dense attention, nothing trainable) on which a checkpoint's
-    weights are loaded, see `longctx.checkpoint.load_trained_model`.
+    weights are loaded, see `longctx.checkpoint.load_trained_model`; with quant.type set, its 4-bit linears
+    dequantized into plain ones.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -115,7 +116,13 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     hf_config.use_cache = False
     attn_implementation = _training_attention(cfg, hf_config) if for_training else EVAL_ATTENTION
     dtype = resolve_dtype(cfg)
-    if cfg.model.init:
+    if cfg.quant.enabled:  # the block linears in 4 bits (QLoRA), see longctx.quant
+        from longctx import quant
+
+        model = quant.load_quantized(cfg, hf_config, dtype=dtype, attn_implementation=attn_implementation)
+        if not for_training:  # the base as the 4-bit run computes with it, in plain linears
+            model = quant.dequantize_linears(model, dtype)
+    elif cfg.model.init:
         torch.manual_seed(cfg.train.seed)  # every rank builds the same random weights
         model = AutoModelForCausalLM.from_config(
             hf_config,
@@ -145,6 +152,10 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     if not for_training:
         model.requires_grad_(False)
         return model.eval()
+    if cfg.memory.tiled_mlp:  # parameter names stay those of the plain model (see longctx.tiling.TiledMLP)
+        from longctx.tiling import apply_tiled_mlp
+
+        apply_tiled_mlp(model, cfg.memory.tiled_mlp_shards)
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -194,7 +205,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. Under ZeRO-3 use `ds_numel`, the full size of a partitioned tensor."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        quant_state = getattr(p, "quant_state", None)  # packed 4-bit codes: count the weights they stand for
+        n = quant_state.shape.numel() if quant_state is not None else getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longctx import checkpoint
-from longctx.config import RunConfig, save_config
+from longctx import checkpoint, parallel, tiling
+from longctx.config import MemoryConfig, RunConfig, save_config
 from longctx.errors import UserError
 from longctx.model import build_model, count_parameters, resolve_dtype
 
@@ -156,6 +156,8 @@ def resolve_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         node[keys[-1]] = value
     if dtype == torch.float16:
         ds["fp16"].setdefault("initial_scale_power", 16)
+    if sequence_parallel > 1:
+        ds["sequence_parallel_size"] = sequence_parallel  # read by zero.Init when loading under ZeRO-3
     return ds
 
 
@@ -312,12 +314,30 @@ def micro_batches(dataset, sampler, micro_batch_size: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def token_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the label tokens of a micro batch (float32)."""
-    logits = engine(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits  # (B, N, V)
-    shifted_logits = logits[:, :-1].float().flatten(0, 1)  # (B·(N-1), V)
-    shifted_labels = batch["labels"][:, 1:].flatten()  # (B·(N-1),)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def token_loss_sum(engine, batch: dict[str, torch.Tensor], memory: MemoryConfig | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the target tokens of a (sharded) micro batch (float32).
+
+    batch: `parallel.shard_batch`'s {input_ids, position_ids, target_ids}, each (B, n), or a whole micro batch
+    {input_ids, labels[, position_ids]}. memory.tiled_loss computes the logits and loss in chunks from the final
+    hidden states; memory.offload_activations keeps what the forward saves for backward in host memory.
+    """
+    memory = memory or MemoryConfig()
+    if "target_ids" not in batch:
+        batch = parallel.shard_batch(batch, 1, 0)
+    with tiling.offload_activations(memory.offload_activations):
+        if not memory.tiled_loss:
+            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits  # (B, n, V)
+            return F.cross_entropy(
+                logits.float().flatten(0, 1), batch["target_ids"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        output = engine(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),  # no logits here
+            output_hidden_states=-1,  # only the last: the final normed hidden states
+        )
+        lm_head = getattr(engine, "module", engine).get_output_embeddings()  # the DeepSpeed engine's model
+        return tiling.tiled_loss_sum(lm_head, output.hidden_states[-1], batch["target_ids"], memory.loss_chunk_tokens)
 
 
 def train(cfg: RunConfig, *, dataset=None) -> dict[str, Any]:
@@ -346,9 +366,8 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if cfg.parallel.sequence_parallel_size > 1:
-        raise UserError("parallel.sequence_parallel_size > 1 is not supported by the trainer yet: set it to 1")
     ds_config = resolve_deepspeed_config(cfg, world_size)
+    sp = parallel.init_sequence_parallel(cfg.parallel.sequence_parallel_size)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     resume_from = checkpoint.find_resume_checkpoint(cfg)
     if resume_from is not None:
@@ -361,13 +380,19 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
     torch.manual_seed(cfg.train.seed)
     with partitioned_loading(cfg, ds_config):
         model = build_model(cfg)
+    parallel.enable_on_model(
+        model, sp, micro_batch_size=micro, seq_len=cfg.train.seq_len, implementation=cfg.attention.implementation
+    )
     if dataset is None:
         dataset = load_train_dataset(cfg, model.config)
-    sampler = ResumableDistributedSampler(len(dataset), num_replicas=world_size, rank=rank, seed=cfg.train.seed)
+    # The ranks of a sequence group read the same sequences: the sampler splits over data-parallel groups only.
+    sampler = ResumableDistributedSampler(
+        len(dataset), num_replicas=sp.data_parallel_size, rank=sp.data_parallel_rank, seed=cfg.train.seed
+    )
     if len(sampler) < micro:
         raise UserError(
             f"the training data has {len(dataset)} sequences, fewer than train.micro_batch_size={micro} per rank "
-            f"on {world_size} rank(s): pack more data or lower the micro batch size"
+            f"on {sp.data_parallel_size} data-parallel rank(s): pack more data or lower the micro batch size"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
@@ -381,6 +406,7 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         config=ds_config,
+        mpu=sp.mpu,
     )
     num_trainable, num_total = count_parameters(engine.module)
 
@@ -392,13 +418,15 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
     metrics = MetricsLog(output_dir, rank, resumed_at=step, total_steps=cfg.train.max_steps)
     metrics.message(
         f"training {num_trainable:,} of {num_total:,} parameters on {world_size} rank(s): "
-        f"global batch {ds_config['train_batch_size']} = {micro} × {accum} accumulation × {world_size}, "
-        f"seq_len {cfg.train.seq_len}" + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
+        f"global batch {ds_config['train_batch_size']} = {micro} × {accum} accumulation × {sp.data_parallel_size}, "
+        f"seq_len {cfg.train.seq_len}"
+        + (f" split over {sp.size} sequence-parallel ranks" if sp.size > 1 else "")
+        + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
 
     batches = micro_batches(dataset, sampler, micro)
     engine.train()
-    last_save = _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step)
+    last_save = _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step, sp)
     step = cfg.train.max_steps
     if last_save is None:  # resumed at max_steps: nothing left to train
         last_save = checkpoint.complete_checkpoints(cfg.train.output_dir)[-1]
@@ -411,27 +439,32 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
     return summary
 
 
-def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step):
+def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step, sp):
     """Steps from `step` to train.max_steps; returns the last checkpoint written (None if none was).
 
     Raises Preempted after checkpointing the step at which any rank got SIGTERM/SIGUSR1.
     """
-    world_size, device, accum = dist.get_world_size(), engine.device, ds_config["gradient_accumulation_steps"]
+    device, accum = engine.device, ds_config["gradient_accumulation_steps"]
     last_save = None
     start = time.perf_counter()
     while step < cfg.train.max_steps:
         step_start = time.perf_counter()
-        step_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
-        label_tokens = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in step_batches]).sum()
+        # Labels are shifted before the sequence is split; each rank keeps its chunk (the whole of it when sp.size=1).
+        step_batches = [
+            parallel.shard_batch({k: v.to(device) for k, v in next(batches).items()}, sp.size, sp.rank)
+            for _ in range(accum)
+        ]
+        label_tokens = torch.stack([(b["target_ids"] != IGNORE_INDEX).sum() for b in step_batches]).sum()
         label_tokens = label_tokens.to(torch.float64)
-        dist.all_reduce(label_tokens)  # host-device sync: the global token count weights every micro batch
+        dist.all_reduce(label_tokens)  # host-device sync: the global token count (all chunks) weights every micro batch
         label_tokens.clamp_(min=1)  # a batch of padding only contributes zero loss, not NaN
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         lr = scheduler.get_last_lr()[0]
         for batch in step_batches:
-            micro_loss_sum = token_loss_sum(engine, batch)
-            # DeepSpeed averages gradients over the data-parallel ranks: × world_size turns that into a sum.
-            engine.backward(micro_loss_sum * world_size / label_tokens, scale_wrt_gas=False)
+            micro_loss_sum = token_loss_sum(engine, batch, cfg.memory)
+            # DeepSpeed sums gradients over a sequence group and averages them over the data-parallel groups:
+            # × data_parallel_size turns that into the sum over every rank.
+            engine.backward(micro_loss_sum * sp.data_parallel_size / label_tokens, scale_wrt_gas=False)
             engine.step()
             loss_sum += micro_loss_sum.detach()
         dist.all_reduce(loss_sum)

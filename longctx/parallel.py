@@ -1,0 +1,208 @@
+"""Sequence parallelism (DeepSpeed Ulysses / ALST) with S²-Attn as the core attention, and the process groups.
+
+With parallel.sequence_parallel_size = P, the ranks form groups of P consecutive ranks (DeepSpeed's
+`parallel_state_sp`): the P ranks of a group share one sequence, the groups are the data-parallel replicas
+(world = DP × P). Each rank holds N/P contiguous tokens through embeddings, norms, MLPs and the loss. In every
+attention layer DeepSpeed's `UlyssesSPAttentionHF` swaps the split with an all-to-all: rank r then holds the WHOLE
+sequence for heads [r·H/P, (r+1)·H/P) (kv heads likewise, replicated when P > Hkv), runs the core attention, and
+swaps back. The position ids are all-gathered too, so RoPE (applied before the swap, on local positions that are
+the full sequence's) and document isolation (segments from restarting positions) see the full sequence.
+
+S²-Attn shifts head h iff h >= H/2 by its GLOBAL index (DESIGN.md). A rank's slice of heads is all unshifted, all
+shifted, or (when the slice straddles H/2) half and half; `num_unshifted_heads` tells `s2_attention` which, so a run
+with P ranks computes the same function as one rank.
+
+The labels are shifted by one BEFORE the split (`shard_batch`), so the last token of each chunk is scored against
+the first token of the next one, and the loss is a token-weighted sum over all chunks, exactly as with P = 1.
+DeepSpeed sums gradients over the ranks of a sequence group and averages over the data-parallel ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx.errors import UserError
+
+IGNORE_INDEX = -100
+
+# attn_implementation names under which the sequence-parallel wrappers are registered with transformers.
+ULYSSES_ATTENTION = {"s2attn": "s2attn_ulysses", "sdpa": "sdpa_ulysses"}
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Where this rank sits: sequence-parallel degree `size`, its `rank` in its sequence group, and the
+    data-parallel layout (`data_parallel_size` groups; this rank's group is `data_parallel_rank`)."""
+
+    size: int = 1
+    rank: int = 0
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    group: object = None  # the torch ProcessGroup of this rank's sequence group (None when size == 1)
+    mpu: object = None  # DeepSpeed's parallel_state_sp module, passed to deepspeed.initialize(mpu=...)
+
+
+def layout(world_size: int, global_rank: int, sequence_parallel_size: int) -> tuple[int, int, int]:
+    """(sequence-parallel rank, data-parallel size, data-parallel rank) of global_rank: groups of consecutive ranks."""
+    if sequence_parallel_size < 1 or world_size % sequence_parallel_size:
+        raise UserError(
+            f"world size {world_size} is not a multiple of parallel.sequence_parallel_size={sequence_parallel_size}: "
+            "launch data-parallel × sequence-parallel ranks"
+        )
+    return (
+        global_rank % sequence_parallel_size,
+        world_size // sequence_parallel_size,
+        global_rank // sequence_parallel_size,
+    )
+
+
+def check_model(hf_config, sequence_parallel_size: int, seq_len: int, implementation: str) -> None:
+    """One-line UserError when the model's heads or the sequence length cannot be split over P ranks."""
+    size = sequence_parallel_size
+    text_config = hf_config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    problems = []
+    if implementation not in ULYSSES_ATTENTION:
+        problems.append(
+            f"attention.implementation={implementation} has no sequence-parallel version: use s2attn or sdpa"
+        )
+    if num_heads % size:
+        problems.append(
+            f"the model's {num_heads} attention heads do not divide over parallel.sequence_parallel_size={size}: "
+            "pick a degree that divides the head count"
+        )
+    elif implementation == "s2attn" and (num_heads // size) % 2:
+        problems.append(
+            f"S²-Attn under parallel.sequence_parallel_size={size} leaves {num_heads // size} head(s) per rank, but "
+            f"each rank needs an even number of heads: pick a degree that divides {num_heads // 2}"
+        )
+    if num_kv_heads % size and size % num_kv_heads:
+        problems.append(
+            f"the model's {num_kv_heads} key/value heads and parallel.sequence_parallel_size={size} do not divide "
+            "one another (Ulysses splits or replicates kv heads): pick a degree that divides the kv heads or a "
+            "multiple of them"
+        )
+    if seq_len % size:
+        problems.append(
+            f"train.seq_len={seq_len} is not a multiple of parallel.sequence_parallel_size={size}: "
+            "pick a sequence length that divides evenly"
+        )
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def num_unshifted_heads(num_heads: int, size: int, rank: int) -> int:
+    """How many of rank's heads [rank·H/P, (rank+1)·H/P) lie below H/2, i.e. are S²-Attn's unshifted heads."""
+    local = num_heads // size
+    return min(max(num_heads // 2 - rank * local, 0), local)
+
+
+def init_sequence_parallel(sequence_parallel_size: int) -> SequenceParallel:
+    """Build DeepSpeed's sequence / sequence-data-parallel groups (a collective; once per process)."""
+    world_size, global_rank = dist.get_world_size(), dist.get_rank()
+    sp_rank, dp_size, dp_rank = layout(world_size, global_rank, sequence_parallel_size)
+    if sequence_parallel_size == 1:
+        return SequenceParallel(data_parallel_size=dp_size, data_parallel_rank=dp_rank)
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(sequence_parallel_size=sequence_parallel_size)
+    group = mpu.get_sequence_parallel_group()
+    assert dist.get_rank(group) == sp_rank, "DeepSpeed's sequence groups are not consecutive ranks"
+    return SequenceParallel(sequence_parallel_size, sp_rank, dp_size, dp_rank, group, mpu)
+
+
+def enable_on_model(model, sp: SequenceParallel, *, micro_batch_size: int, seq_len: int, implementation: str) -> None:
+    """Switch the model's attention to its Ulysses-wrapped version over sp.group (no-op when sp.size == 1)."""
+    if sp.size == 1:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_model(base.config, sp.size, seq_len, implementation)
+    name = register_ulysses_attention(base.config, sp, micro_batch_size=micro_batch_size, core=implementation)
+    base.set_attn_implementation(name)
+
+
+def register_ulysses_attention(hf_config, sp: SequenceParallel, *, micro_batch_size: int, core: str) -> str:
+    """Register `core` ("s2attn" or "sdpa") wrapped in DeepSpeed's UlyssesSPAttentionHF; returns its name.
+
+    The core runs on this rank's slice of the heads over the whole sequence. S²-Attn gets the number of unshifted
+    heads of the slice, so that heads are shifted by their global index. sdpa means dense causal attention (with
+    document isolation when positions restart), computed by longctx's dense path.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from longctx import attention
+
+    text_config = hf_config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    if core == "s2attn":
+        core_attention = functools.partial(
+            attention.s2attn_forward, num_unshifted_heads=num_unshifted_heads(num_heads, sp.size, sp.rank)
+        )
+    else:
+        core_attention = dense_forward
+    ulysses = UlyssesSPAttentionHF(
+        attn=core_attention,
+        batch_size=micro_batch_size,
+        attn_head_count=num_heads,
+        attn_head_size=head_dim,
+        kv_head_count=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        num_hidden_layers=text_config.num_hidden_layers,
+        process_group=sp.group,
+        seq_length_is_variable=True,
+    )
+
+    def ulysses_forward(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None:  # a local padding mask would not describe the gathered sequence
+            raise UserError(
+                "sequence parallelism takes no attention mask: mark padding with labels=-100 at the end of a sequence"
+            )
+        return ulysses(module, query, key, value, None, **kwargs)
+
+    name = ULYSSES_ATTENTION[core]
+    AttentionInterface.register(name, ulysses_forward)
+    # No mask is built for the local chunk: positions (gathered inside the wrapper) carry causality and documents.
+    AttentionMaskInterface.register(name, attention.s2attn_mask)
+    return name
+
+
+def dense_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
+    """Dense causal attention over the gathered sequence; packed documents (restarting positions) kept apart."""
+    from longctx.attention import dense_attention, segment_ids_from_position_ids
+
+    segment_ids = None
+    if position_ids is not None:
+        segment_ids = segment_ids_from_position_ids(position_ids.expand(query.shape[0], -1))
+        if not bool(segment_ids[:, -1].any()):  # host sync: one document per row needs no isolation
+            segment_ids = None
+    out = dense_attention(query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout)
+    return out.transpose(1, 2), None  # (B, H, N, D) -> (B, N, H, D)
+
+
+def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's contiguous 1/size of a (B, N) batch, with `target_ids`: the labels shifted by one (the token each
+    position predicts; IGNORE_INDEX after the last) BEFORE the split, so no prediction is lost at chunk edges.
+
+    Position ids are those of the full sequence (0..N-1, or restarting per document), sliced, never renumbered.
+    """
+    labels = batch["labels"]
+    seq_len = labels.shape[1]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(seq_len, device=labels.device).expand_as(labels)
+    target_ids = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, N): target of each position
+    chunk = seq_len // size
+    local = slice(rank * chunk, (rank + 1) * chunk)
+    return {
+        "input_ids": batch["input_ids"][:, local],
+        "position_ids": position_ids[:, local],
+        "target_ids": target_ids[:, local],
+    }

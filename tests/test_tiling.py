@@ -1,0 +1,126 @@
+"""Tiled MLP, tiled loss and activation offload compute the same values and gradients as the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.config import RunConfig, load_config
+from longctx.model import build_model
+from longctx.parallel import shard_batch
+from longctx.tiling import TiledMLP, _is_parameter, offload_activations, tiled_loss_sum
+from longctx.trainer import IGNORE_INDEX, token_loss_sum
+
+TINY_LLAMA = (
+    "model.init={model_type: llama, hidden_size: 32, intermediate_size: 96, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 200, max_position_embeddings: 64}"
+)
+# fp32: tiling only changes how matmuls are blocked and the order of the loss sum.
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu"))
+
+
+@pytest.mark.parametrize("num_shards", [0, 3, 7])
+def test_tiled_mlp_same_values_and_gradients(num_shards):
+    mlp = llama_mlp()
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    grad_out = torch.randn(2, 50, 16)
+    expected = mlp(x)
+    expected_grads = torch.autograd.grad(expected, [x, *mlp.parameters()], grad_out)
+
+    tiled = TiledMLP(mlp, num_shards)
+    assert tiled.shards_for(x) == (num_shards or 4)  # 0: ceil(50 tokens / hidden 16)
+    out = tiled(x)
+    grads = torch.autograd.grad(out, [x, *tiled.parameters()], grad_out)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+    # The wrapper exposes the MLP's own parameters under the MLP's own names.
+    assert tiled.state_dict().keys() == mlp.state_dict().keys()
+
+
+def test_tiled_mlp_runs_each_tile_separately():
+    mlp = llama_mlp()
+    rows_seen = []
+    mlp.gate_proj.register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[1]))
+    TiledMLP(mlp, 5)(torch.randn(1, 50, 16, requires_grad=True)).sum().backward()
+    # 5 tiles of 10 tokens in forward, recomputed one at a time in backward: never the 50-token intermediate.
+    assert rows_seen == [10] * 10
+
+
+def test_tiled_loss_same_value_and_gradients_and_small_logits():
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (2, 37))
+    targets[0, -5:] = IGNORE_INDEX
+    expected = F.cross_entropy(
+        lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    expected_grads = torch.autograd.grad(expected, [hidden, lm_head.weight])
+
+    logit_rows = []
+    lm_head.register_forward_hook(lambda module, args, out: logit_rows.append(out.shape[0]))
+    loss = tiled_loss_sum(lm_head, hidden, targets, chunk_tokens=16)
+    grads = torch.autograd.grad(loss, [hidden, lm_head.weight])
+    torch.testing.assert_close(loss, expected, **TOLERANCE)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+    # 74 tokens in chunks of 16: forward and backward recompute see at most 16 rows of logits at a time.
+    assert max(logit_rows) == 16 and sum(logit_rows) == 2 * 74
+
+
+def model_loss_and_grads(*overrides: str):
+    cfg = load_config(RunConfig, None, [TINY_LLAMA, "attention.implementation=s2attn", "train.seq_len=64", *overrides])
+    model = build_model(cfg)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 200, (2, 64), generator=generator)
+    labels = input_ids.clone()
+    labels[1, -9:] = IGNORE_INDEX
+    batch = shard_batch({"input_ids": input_ids, "labels": labels}, 1, 0)
+    loss = token_loss_sum(model, batch, cfg.memory)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("lora", ["lora.enabled=true", "lora.trainable=[embed,norm,lm_head]", "lora.enabled=false"])
+def test_memory_options_leave_the_model_loss_and_gradients_unchanged(lora):
+    plain_loss, plain_grads = model_loss_and_grads(lora)
+    loss, grads = model_loss_and_grads(
+        lora,
+        "memory.tiled_mlp=true",
+        "memory.tiled_mlp_shards=4",
+        "memory.tiled_loss=true",
+        "memory.loss_chunk_tokens=24",
+        "memory.offload_activations=true",
+    )
+    torch.testing.assert_close(loss, plain_loss, **TOLERANCE)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **TOLERANCE, msg=name)
+
+
+def test_offload_keeps_parameters_and_round_trips_activations():
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.tanh(linear(x)).sum().backward()
+    expected = x.grad.clone()
+    # What the hook sees: the input, the weight as a view of the parameter, the tanh output.
+    assert [_is_parameter(t) for t in saved] == [False, True, False]
+
+    x.grad = None
+    with offload_activations():
+        y = torch.tanh(linear(x)).sum()
+    y.backward()
+    torch.testing.assert_close(x.grad, expected)

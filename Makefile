@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast test-cluster lint demo clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 # Unit tests only (no multi-process or cluster tests): the quick loop while developing.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not distributed and not cluster"
+
+# Only the 2-node SLURM cluster test (root; it installs slurm and munge with apt-get when missing).
+test-cluster: $(STAMP)
+	$(PY) -m pytest tests/cluster -m cluster -rP
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check longctx data_prep tests benchmarks

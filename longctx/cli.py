@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(commands)
     _add_eval_commands(commands)
     _add_export_command(commands)
+    _add_plan_command(commands)
     return parser
 
 
@@ -139,6 +140,31 @@ def _run_export(args) -> int:
     from longctx.export import run_export
 
     return run_export(args)
+
+
+def _add_plan_command(commands) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="estimate per-GPU memory and step time of a run on a cluster, per ZeRO stage and SP degree",
+        description="Reads the preset (and the model's config.json, never its weights). Prints per-GPU memory by "
+        "part for ZeRO-2 / 3 / 3+offload at every sequence-parallel degree, the smallest that fits, and the step time.",
+    )
+    plan.add_argument("--config", required=True, help="YAML run preset or a preset name, e.g. llama2-7b-100k")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. memory.tiled_loss=true")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (80 for 80 GB cards)")
+    plan.add_argument("--host-memory-gb", type=float, default=1024.0, help="host memory per node in GiB")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the step time")
+    plan.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak per GPU (A100 312, H100 989)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from longctx.plan import run_plan
+
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:

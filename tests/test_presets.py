@@ -30,7 +30,8 @@ def test_preset_loads_and_resolves(preset, monkeypatch):
     world_size = PROCESSES.get(preset.stem, 8)  # the LLaMA-2 recipes are for 8 GPUs
     ds = resolve_deepspeed_config(cfg, world_size)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    assert ds["train_batch_size"] == cfg.train.global_batch_size == micro * accum * world_size
+    data_parallel = world_size // cfg.parallel.sequence_parallel_size  # the ranks of one sequence share a batch
+    assert ds["train_batch_size"] == cfg.train.global_batch_size == micro * accum * data_parallel
     if cfg.attention.implementation == "s2attn":
         assert cfg.train.seq_len % cfg.group_size == 0
 

@@ -18,6 +18,7 @@ run left behind. Processes are stopped by pid (checked by name) or because they 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -120,13 +121,15 @@ def stop_processes(pids: list[int], *, names: tuple[str, ...] = (), grace_s: flo
 
     targets = [pid for pid in pids if alive(pid)]
     for pid in targets:
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited since
+            os.kill(pid, signal.SIGTERM)
     try:
         wait_until(lambda: not any(alive(pid) for pid in targets), grace_s, f"pids {targets} to exit", interval=0.1)
     except RuntimeError:
         for pid in targets:
             if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 class SlurmCluster:

@@ -95,14 +95,9 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def read_log(job_log: Path) -> str:
-    # srun --label cuts the progress bars' carriage-return updates into lines, sometimes inside a UTF-8 character.
-    return job_log.read_text(errors="replace") if job_log.is_file() else "(not written)"
-
-
 def attempts(job_log: Path) -> list[str]:
     """The job log split at the script's "==== job J attempt K" headers (it is appended across requeues)."""
-    return re.split(r"(?m)^(?===== job \d+ attempt \d+ \|)", read_log(job_log))[1:]
+    return re.split(r"(?m)^(?===== job \d+ attempt \d+ \|)", job_log.read_text())[1:]
 
 
 def rank_hosts(text: str) -> dict[int, str]:
@@ -117,7 +112,8 @@ def reported_on_failure(cluster: SlurmCluster, *job_logs: Path):
         yield
     except BaseException:
         for job_log in job_logs:
-            print(f"---- {job_log}\n{read_log(job_log)}")
+            text = job_log.read_text(errors="replace") if job_log.is_file() else "(not written)"
+            print(f"---- {job_log}\n{text}")
         print(cluster.log_tails())
         raise
 
@@ -146,7 +142,7 @@ def test_two_node_job_preempted_requeues_and_resumes_to_the_losses_of_an_uninter
             "0:0",
             "0",
         )
-        reference_text = read_log(reference_log)
+        reference_text = reference_log.read_text()  # strict UTF-8: no progress bars cut into pieces by srun
         assert rank_hosts(reference_text) == {0: "node1", 1: "node2"}, reference_text
         assert "on 2 rank(s)" in reference_text and "| 2 × 1 tasks" in reference_text
         expected = metrics(reference_dir)

@@ -177,7 +177,7 @@ class SlurmCluster:
         pid_files = [STATE_DIR / "slurmctld.pid"] + [STATE_DIR / f"slurmd-{node}.pid" for node in self.node_names()]
         stop_processes([pid for pid in map(pid_from, pid_files) if pid], names=("slurmctld", "slurmd"))
         # What still runs in our namespaces (slurmstepd, job tasks) was started by our daemons.
-        for netns in self._our_namespaces():
+        for netns in self.namespaces():
             pids = run("ip", "netns", "pids", netns, check=False).stdout.split()
             stop_processes([int(pid) for pid in pids], grace_s=5)
             run("ip", "netns", "del", netns, check=False)
@@ -202,7 +202,8 @@ class SlurmCluster:
             log(f"another run holds {LOCK_FILE}: waiting for it to finish")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
 
-    def _our_namespaces(self) -> list[str]:
+    def namespaces(self) -> list[str]:
+        """The network namespaces of this harness that exist now (also those of a crashed run)."""
         listed = run("ip", "netns", "list", check=False).stdout.split("\n") if shutil.which("ip") else []
         return [line.split()[0] for line in listed if line.startswith(NETNS_PREFIX)]
 
@@ -337,9 +338,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def wait_for_job_end(self, job_id: str, timeout: float) -> dict[str, str]:
-        return wait_until(
-            lambda: (job := self.job(job_id))["JobState"] in JOB_END_STATES and job, timeout, f"job {job_id} to end"
-        )
+        """The job's final `scontrol show job` fields, once it has ended for good (a requeued job runs again)."""
+
+        def ended_job():
+            job = self.job(job_id)
+            return job if job["JobState"] in JOB_END_STATES else None
+
+        return wait_until(ended_job, timeout, f"job {job_id} to end")
 
     def log_tails(self, num_lines: int = 40) -> str:
         """The last lines of slurmctld's and every slurmd's log, for a failure report."""
@@ -361,7 +366,7 @@ def main() -> None:
     elif action == "down":
         cluster.down()
     elif action == "status":
-        print("namespaces:", " ".join(cluster._our_namespaces()) or "none")
+        print("namespaces:", " ".join(cluster.namespaces()) or "none")
         if cluster.conf.is_file():
             print(cluster.command("sinfo", "-N", "-o", "%N %T %o", check=False).stdout)
     else:

@@ -75,9 +75,8 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards" / "train"
 
 
-def submit(cluster: SlurmCluster, name: str, run_dir: Path, shards: Path) -> tuple[str, Path]:
-    """sbatch launch/slurm.sbatch on 2 nodes × 1 task; returns (job id, the job's log)."""
-    job_log = run_dir.parent / f"{name}.out"
+def submit(cluster: SlurmCluster, name: str, run_dir: Path, shards: Path, job_log: Path) -> str:
+    """sbatch launch/slurm.sbatch on 2 nodes × 1 task, logging to job_log; returns the job id."""
     overrides = [*OVERRIDES, f"data.train={shards}", f"train.output_dir={run_dir}"]
     submitted = cluster.command(
         "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--job-name={name}", f"--output={job_log}",
@@ -87,7 +86,7 @@ def submit(cluster: SlurmCluster, name: str, run_dir: Path, shards: Path) -> tup
         # both jobs' 4 ranks share this machine's cores.
         env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    return submitted.stdout.strip(), job_log
+    return submitted.stdout.strip()
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -98,6 +97,11 @@ def metrics(run_dir: Path) -> list[dict]:
 def attempts(job_log: Path) -> list[str]:
     """The job log split at the script's "==== job J attempt K" headers (it is appended across requeues)."""
     return re.split(r"(?m)^(?===== job \d+ attempt \d+ \|)", job_log.read_text())[1:]
+
+
+def outcome(job: dict[str, str]) -> tuple[str, str, str]:
+    """(final state, exit code, number of requeues) of a job from `scontrol show job`."""
+    return job["JobState"], job["ExitCode"], job["Restarts"]
 
 
 def rank_hosts(text: str) -> dict[int, str]:
@@ -121,10 +125,10 @@ def reported_on_failure(cluster: SlurmCluster, *job_logs: Path):
 @pytest.mark.cluster
 def test_two_node_job_preempted_requeues_and_resumes_to_the_losses_of_an_uninterrupted_job(cluster, shards, tmp_path):
     reference_dir, preempted_dir = tmp_path / "reference", tmp_path / "preempted"
-    reference, reference_log = submit(cluster, "reference", reference_dir, shards)
-    preempted, preempted_log = submit(cluster, "preempted", preempted_dir, shards)
-
+    reference_log, preempted_log = tmp_path / "reference.out", tmp_path / "preempted.out"
     with reported_on_failure(cluster, reference_log, preempted_log):
+        reference = submit(cluster, "reference", reference_dir, shards, reference_log)
+        preempted = submit(cluster, "preempted", preempted_dir, shards, preempted_log)
 
         def trained_some_steps():
             if cluster.job(preempted)["JobState"] not in ("PENDING", "RUNNING"):
@@ -137,24 +141,17 @@ def test_two_node_job_preempted_requeues_and_resumes_to_the_losses_of_an_uninter
         reference_job = cluster.wait_for_job_end(reference, JOB_TIMEOUT_S)
 
         # (a) The uninterrupted job: rank 0 on node1 and rank 1 on node2, one training run of world size 2.
-        assert (reference_job["JobState"], reference_job["ExitCode"], reference_job["Restarts"]) == (
-            "COMPLETED",
-            "0:0",
-            "0",
-        )
+        assert outcome(reference_job) == ("COMPLETED", "0:0", "0")
         reference_text = reference_log.read_text()  # strict UTF-8: no progress bars cut into pieces by srun
         assert rank_hosts(reference_text) == {0: "node1", 1: "node2"}, reference_text
         assert "on 2 rank(s)" in reference_text and "| 2 × 1 tasks" in reference_text
+        assert f"rendezvous {cluster.node_address('node1')}:" in reference_text  # over the namespaces' bridge
         expected = metrics(reference_dir)
         assert [row["step"] for row in expected] == list(range(1, MAX_STEPS + 1))
 
         # (b) The preempted job: attempt 1 checkpointed a step mid-run and exited 75, the script requeued the job,
         # attempt 2 resumed from that checkpoint on both nodes and finished.
-        assert (preempted_job["JobState"], preempted_job["ExitCode"], preempted_job["Restarts"]) == (
-            "COMPLETED",
-            "0:0",
-            "1",
-        )
+        assert outcome(preempted_job) == ("COMPLETED", "0:0", "1")
         first, second = attempts(preempted_log)
         stopped_at = int(re.search(r"preempted \(SIGUSR1\): checkpoint \S+ holds step (\d+)", first).group(1))
         assert PREEMPT_AFTER_STEP <= stopped_at < MAX_STEPS

@@ -236,7 +236,7 @@ class SlurmCluster:
     # ---- SLURM -----------------------------------------------------------------------------------------------------
 
     def _write_config(self) -> None:
-        for directory in ("ctld", "spool", "logs"):
+        for directory in ["ctld", "logs"] + [f"spool/{node}" for node in self.node_names()]:
             shutil.rmtree(STATE_DIR / directory, ignore_errors=True)
             (STATE_DIR / directory).mkdir(parents=True)
         hardware = dict(re.findall(r"(\w+)=(\S+)", run("slurmd", "-C").stdout.splitlines()[0]))

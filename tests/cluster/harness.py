@@ -188,14 +188,16 @@ class SlurmCluster:
         if munged:
             stop_processes([munged], names=("munged",))
         for entry in STATE_DIR.glob("*") if STATE_DIR.is_dir() else []:
-            if entry != self.logs:  # the logs stay for a post-mortem until the next `up`
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.is_dir() and entry != self.logs:  # the logs stay for a post-mortem until the next `up`
+                shutil.rmtree(entry)
+            elif entry.is_file():
+                entry.unlink()
         if release_lock and self._lock is not None:
             self._lock.close()
             self._lock = None
 
     def _take_lock(self) -> None:
-        self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 (held until down())
+        self._lock = open(LOCK_FILE, "w")  # held until down()
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -21,12 +21,13 @@ ranks (DeepSpeed's Ulysses/ALST makes the sequence-parallel ranks part of ZeRO's
   scores), eager attention adds the H/P × N × N scores. Tiled MLP: its intermediate exists for one tile only.
 - logits: B × n × vocab × (b for the model's logits + 4 for their fp32 copy + 4 for log-softmax + 4 for its
   gradient); tiled loss: memory.loss_chunk_tokens tokens at a time instead of n.
-- communication: ZeRO-2: reduce_bucket_size elements of b bytes, twice with overlap_comm; ZeRO-3: one reduce
-  bucket. Ulysses (P > 1): the all-to-all send and receive buffers of q, k, v and the attention output.
+- ZeRO buckets: ZeRO-2: reduce_bucket_size elements of b bytes, twice with overlap_comm; ZeRO-3: one bucket.
+- all-to-all: Ulysses (P > 1): the send and receive buffers of the one all-to-all in flight.
 - reserve: CUDA context, NCCL and allocator slack, a stated constant.
 
-Peak = weights + gradients + optimizer + communication + checkpoints + max(layer working set, logits) + reserve:
-the checkpoints are all alive when the loss is computed and while the last layers run backward.
+Peak = what lives throughout (weights, gradients, optimizer, checkpoints, all-to-all, ZeRO-3's bucket, reserve)
++ max(logits, layer working set [+ ZeRO-2's buckets, which are allocated at the first gradient, after the logits
+are freed]): the checkpoints are all alive when the loss is computed and while the last layers run backward.
 
 Host memory per node: the offloaded partitions of its GPUs (bf16 weights, fp32 gradients, fp32 master + moments),
 offloaded checkpoints, a per-process overhead, and at load time (ZeRO-2, which loads without zero.Init) one whole
@@ -320,31 +321,30 @@ def weight_bytes(cfg: RunConfig, groups: list[TensorGroup], param_bytes: int) ->
 def layer_working_set(shape: ModelShape, cfg: RunConfig, tokens: int, sp: int, param_bytes: int) -> float:
     """Bytes alive while one decoder layer runs backward: its saved forward tensors plus the live gradients.
 
-    tokens: local tokens per GPU (micro batch × n). Coefficients count tensors of `tokens` rows (see the module
-    docstring); the attention core sees all N tokens for H/P heads, which is the same number of elements.
+    tokens: local tokens per GPU (micro batch × n). Terms count tensors of `tokens` rows; the attention core sees
+    all N tokens for H/P heads after the all-to-all, which is the same number of elements.
     """
     h, kv, i, b = shape.hidden_size, shape.kv_dim, shape.intermediate_size, param_bytes
     kv_local = max(kv, shape.head_dim * sp)  # Ulysses replicates kv heads when P exceeds their count
-    norm = h * b + (h * 4 if b < 4 else 0)  # RMSNorm saves its fp32 upcast and its normalised output
-    # q, k, v; rotated q, k and their rotate_half halves; S²-Attn window buffers of q, k, v and the output;
-    # the attention output and o_proj's input / output; the residual sum.
-    attention = (h + 2 * kv_local) + 2 * (h + kv_local) + (h + 2 * kv_local + h) + 3 * h + h
+    # RMSNorm saves its input in fp32 (a copy unless it is fp32 already), the normalised x and its output.
+    norm_bytes = (4 * h if b < 4 else 0) + 2 * h * b
+    # q, k, v; rotate_half(q), rotate_half(k) and the rotated q, k; S²-Attn's window buffers of q, k, v and its
+    # output; the output back in token order; o_proj's (contiguous) input; the residual sum.
+    attention = (h + 2 * kv_local) + 2 * (h + kv_local) + (h + 2 * kv_local) + h + h + h + h
     mlp_rows = tokens
-    if cfg.memory.tiled_mlp:
-        mlp_rows = math.ceil(tokens / tiled_mlp_shards(cfg, shape, tokens))
-    mlp_saved = 4 * i  # gate, up, act(gate), act(gate)·up
-    mlp_grads = 3 * i  # gradients of the down_proj input, of gate and of up
-    mlp_io = 2 * h  # MLP output and the residual sum
-    saved = tokens * (2 * norm + attention * b + mlp_io * b) + mlp_rows * mlp_saved * b
-    backward = mlp_rows * mlp_grads * b + tokens * 2 * h * b  # plus the gradients of the layer input and output
+    if cfg.memory.tiled_mlp:  # longctx.tiling.TiledMLP: ceil(n / hidden) tiles of each sequence by default
+        n = tokens // cfg.train.micro_batch_size
+        mlp_rows = math.ceil(tokens / (cfg.memory.tiled_mlp_shards or max(1, math.ceil(n / h))))
+    # gate, up, act(gate), act(gate)·up saved; in its backward two gradients of intermediate size are alive
+    # while act(gate) and up still are, so the MLP peaks at six intermediate-sized tensors.
+    mlp = 6 * i
+    mlp_io = 2 * h  # the MLP output and the layer output
+    gradient_flow = h  # the gradient arriving at the layer's output
+    working = tokens * (2 * norm_bytes + (attention + mlp_io + gradient_flow) * b) + mlp_rows * mlp * b
     if cfg.attention.implementation == "eager":  # the (heads/P) × N × N scores and their softmax
         n_global = tokens * sp
-        saved += 2 * (shape.num_attention_heads // sp) * n_global * n_global * b
-    return saved + backward
-
-
-def tiled_mlp_shards(cfg: RunConfig, shape: ModelShape, tokens: int) -> int:
-    return cfg.memory.tiled_mlp_shards or max(1, math.ceil(tokens / shape.hidden_size))
+        working += 2 * (shape.num_attention_heads // sp) * n_global * n_global * b
+    return working
 
 
 def logits_bytes(cfg: RunConfig, shape: ModelShape, tokens: int, param_bytes: int) -> float:
@@ -403,13 +403,11 @@ def estimate(
     gpu["layer working set"] = layer
     gpu["logits"] = logits_bytes(cfg, shape, tokens, param_bytes)
 
-    buckets = zero.reduce_bucket_size * param_bytes * (2 if zero.overlap_comm and not stage3 else 1)
+    gpu["ZeRO buckets"] = zero.reduce_bucket_size * param_bytes * (2 if zero.overlap_comm and not stage3 else 1)
     # Ulysses: one all-to-all in flight at a time, its send and receive buffers of q (or the output) size
-    all_to_all = 2 * tokens * shape.hidden_size * param_bytes if sp > 1 else 0.0
-    gpu["communication"] = buckets + all_to_all
+    gpu["all-to-all"] = 2 * tokens * shape.hidden_size * param_bytes if sp > 1 else 0.0
     gpu["reserve"] = GPU_RESERVE_BYTES
-    static = sum(v for k, v in gpu.items() if k not in ("layer working set", "logits"))
-    gpu_total = static + max(gpu["layer working set"], gpu["logits"])
+    gpu_total = peak_of(gpu, zero_stage=2 if not stage3 else 3)
 
     host: dict[str, float] = {}
     ranks = cluster.gpus_per_node
@@ -439,6 +437,18 @@ def estimate(
         batch_ok=batch_ok,
         notes=notes,
     )
+
+
+def peak_of(gpu: dict[str, float], zero_stage: int) -> float:
+    """The peak of the parts: the logits phase or the layers' backward phase, on top of what lives throughout.
+
+    ZeRO-2 allocates its reduce buckets at the first gradient, when the logits are gone (measured on CPU); ZeRO-3
+    allocates its bucket at start-up.
+    """
+    phases = ("layer working set", "logits") + (("ZeRO buckets",) if zero_stage == 2 else ())
+    throughout = sum(v for k, v in gpu.items() if k not in phases)
+    backward = gpu["layer working set"] + (gpu["ZeRO buckets"] if zero_stage == 2 else 0)
+    return throughout + max(gpu["logits"], backward)
 
 
 def sequence_parallel_degrees(shape: ModelShape, seq_len: int, world_size: int) -> list[int]:
@@ -569,7 +579,8 @@ GPU_COLUMNS = [
     ("activation checkpoints", "ckpts"),
     ("layer working set", "layer"),
     ("logits", "logits"),
-    ("communication", "comm"),
+    ("ZeRO buckets", "bucket"),
+    ("all-to-all", "a2a"),
 ]
 
 
@@ -584,8 +595,8 @@ def format_table(cfg: RunConfig, plan: Plan) -> str:
         f"cluster: {c.nodes} nodes × {c.gpus_per_node} GPUs = {c.world_size} GPUs of {c.gpu_memory_gib:g} GiB, "
         f"host {c.host_memory_gib:g} GiB per node",
         "",
-        "per-GPU memory in GiB (peak = sum of the parts, counting only the larger of layer and logits; "
-        f"+{GPU_RESERVE_BYTES / GIB:g} reserve):",
+        "per-GPU memory in GiB (peak = the parts, with the logits or the layer (+ ZeRO-2's buckets), whichever is "
+        f"larger; + {GPU_RESERVE_BYTES / GIB:g} reserve):",
     ]
     header = ["strategy", *[short for _, short in GPU_COLUMNS], "peak GPU", "host/node", "fits"]
     rows = []
@@ -634,8 +645,8 @@ LEGEND = [
     "legend: weights bf16 (4-bit base: 0.5 B + block constants); grads b per trainable param (1/W) + the largest",
     "  trainable tensor's full gradient; optim 12 B per trainable param (fp32 master + 2 Adam moments, 1/W);",
     "  ckpts = layers × n × hidden × b (n = seq_len/SP); layer = one layer's recompute + backward, flash/SDPA",
-    "  attention (no N×N scores); logits = n × vocab × (b + 4 + 4 + 4) or a loss chunk when tiled; comm = ZeRO",
-    "  reduce buckets (from the ds_config) + Ulysses all-to-all buffers; ZeRO shards over all GPUs; ZeRO-3 adds",
+    "  attention (no N×N scores); logits = n × vocab × (b + 4 + 4 + 4) or a loss chunk when tiled; bucket = ZeRO",
+    "  reduce buckets (from the ds_config); a2a = Ulysses all-to-all buffers; ZeRO shards over all GPUs; ZeRO-3 adds",
     f"  the gathered layer + prefetch; host = offloaded state + {HOST_BYTES_PER_PROCESS / GIB:g} GiB per process",
     "  (+ a whole model per GPU while ZeRO-2 loads). Calibration: benchmarks/results/plan_calibration.json.",
 ]

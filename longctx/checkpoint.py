@@ -116,7 +116,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # leftovers of an interrupted save of the same step
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    # A 4-bit run's frozen base is not saved: resume and export rebuild it, bit for bit, from model.path/model.init.
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=cfg.quant.enabled)
     state = {**trainer_state, "rng": _rng_state()}
     torch.save(state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
@@ -146,7 +147,8 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
 
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     """Collective: restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
-    engine.load_checkpoint(str(path.parent), tag=path.name)
+    base_excluded = load_run_config(path).quant.enabled  # see save_checkpoint: the engine already holds the base
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not base_excluded)
     state_file = path / f"trainer_state_rank{dist.get_rank()}.pt"
     if not state_file.is_file():
         raise UserError(
@@ -196,7 +198,7 @@ def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) 
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from longctx.model import EVAL_ATTENTION, build_model
+    from longctx.model import EVAL_ATTENTION, add_lora, build_model
 
     path = Path(ckpt_dir)
     if not (path / COMPLETE_MARKER).is_file():
@@ -208,12 +210,23 @@ def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) 
         attention=dataclasses.replace(cfg.attention, implementation=EVAL_ATTENTION),
         model=dataclasses.replace(cfg.model, activation_checkpointing=False, dtype="float32"),
     )
-    model = build_model(dense_cfg, for_training=True)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if cfg.quant.enabled:
+        # The frozen 4-bit base is rebuilt from model.path / model.init in the run's dtype (the same codes and scales
+        # as in training) and dequantized into plain linears; the checkpoint supplies only what trained.
+        trained_in = dataclasses.replace(cfg.model, dtype=_training_dtype(path))
+        model = build_model(dataclasses.replace(dense_cfg, model=trained_in), for_training=False).float()
+        model = add_lora(model, cfg) if cfg.lora.enabled else model
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state_dict = {name: tensor for name, tensor in state_dict.items() if name in trained}
+    else:
+        model = build_model(dense_cfg, for_training=True)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch, e.g. another lora.r
         missing, unexpected = [str(e).strip().splitlines()[-1].strip()], []
+    if cfg.quant.enabled:
+        missing = [name for name in missing if name in trained]
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
         raise UserError(
@@ -225,6 +238,15 @@ def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) 
         model = model.merge_and_unload()
     model.requires_grad_(False)
     return model.eval(), cfg
+
+
+def _training_dtype(path: Path) -> str:
+    """The dtype the run trained in (model.dtype=auto resolves per machine, so read the saved DeepSpeed JSON)."""
+    ds_config = json.loads((path / "ds_config.json").read_text())
+    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if ds_config.get(key, {}).get("enabled") is True:
+            return dtype
+    return "float32"
 
 
 def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:

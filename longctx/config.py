@@ -361,6 +361,11 @@ class RunConfig:
                 f"attention.group_size={attn.group_size} exceeds train.seq_len={train.seq_len}: "
                 "pick a group size <= seq_len (LongLoRA: seq_len / 4)"
             )
+        if self.quant.enabled and not self.lora.enabled:
+            errors.append(
+                f"quant.type={self.quant.type} freezes the base in 4 bits, so it cannot be fine-tuned in full: "
+                "set lora.enabled=true (QLoRA), or quant.type=none for full fine-tuning"
+            )
         sp = self.parallel.sequence_parallel_size
         if sp > 1 and train.seq_len % sp:
             errors.append(

@@ -107,6 +107,9 @@ def load_eval_model(path: str | os.PathLike, device: torch.device | None = None)
     `path` is a plain Hugging Face model directory (config.json; loaded with trust_remote_code off), a longctx
     training checkpoint (checkpoints/step_N, holding the resolved config.yaml; loaded by
     `longctx.checkpoint.load_trained_model`), or a training output directory (its newest complete checkpoint).
+    A 4-bit run (quant.type set) is evaluated as the model `longctx export` writes: its base dequantized (the exact
+    weights the 4-bit layers computed with) and LoRA merged, so the numbers are those of the shipped model, and
+    they do not depend on bitsandbytes' inference kernels (on CPU these re-pack the codes and compute in bf16).
     """
     device = device or eval_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

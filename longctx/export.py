@@ -11,6 +11,9 @@ Two formats, from any checkpoint (ZeRO-2 or ZeRO-3, any number of ranks; consoli
   model's config with the run's RoPE scaling, which the base must be loaded with (see `ADAPTER_README`).
 
 `--format both` writes `<out>/merged` and `<out>/adapter`. Everything is written to `<out>.tmp-*` and renamed.
+
+A 4-bit run (quant.type nf4/fp4) is exported from its base dequantized (`longctx.quant.dequantize_linears`): the
+merged model holds exactly the weights the 4-bit layers computed with, so it needs no bitsandbytes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ config = AutoConfig.from_pretrained("{adapter_dir}")
 base = AutoModelForCausalLM.from_pretrained("{base}", config=config)
 model = PeftModel.from_pretrained(base, "{adapter_dir}")  # model.merge_and_unload() gives a plain model
 ```
+"""
+
+QUANTIZED_BASE_README = """
+This adapter was trained on the base quantized to 4 bits ({quant.type}, double quantization {quant.double_quant}).
+To reproduce the training-time model exactly, load the base the same way, adding to `from_pretrained`:
+`quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{quant.type}",
+bnb_4bit_use_double_quant={quant.double_quant})`. The merged export needs none of this: it holds the dequantized
+4-bit weights with LoRA merged in.
 """
 
 
@@ -251,9 +262,10 @@ def _write_adapter(model, cfg: RunConfig, out: Path, dtype: torch.dtype, final_d
     base_config = _clean_config(model.get_base_model().config, cfg, dtype)
     base_config.save_pretrained(str(out))
     _add_legacy_rope_keys(out / "config.json")
-    (out / "README.md").write_text(
-        ADAPTER_README.format(adapter_dir=final_dir, base=peft_config.base_model_name_or_path)
-    )
+    readme = ADAPTER_README.format(adapter_dir=final_dir, base=peft_config.base_model_name_or_path)
+    if cfg.quant.enabled:
+        readme += QUANTIZED_BASE_README.format(quant=cfg.quant)
+    (out / "README.md").write_text(readme)
     if tokenizer is not None:
         tokenizer.save_hf(out)
 

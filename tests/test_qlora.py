@@ -115,8 +115,11 @@ def test_4bit_resume_continues_exactly(qlora_run, tmp_path):
 
 def test_export_dequantizes_and_merges_into_a_plain_model_with_the_training_logits(qlora_run, tmp_path):
     run_dir, base = qlora_run
-    out = tmp_path / "merged"
-    result = export(run_dir, out, format="merged", dtype="fp32")
+    result = export(run_dir, tmp_path / "export", format="both", dtype="fp32")
+    out = result.written["merged"]
+    adapter = load_file(result.written["adapter"] / "adapter_model.safetensors")
+    assert any("mlp.down_proj.lora_B" in key for key in adapter) and not any("base_layer" in key for key in adapter)
+    assert 'bnb_4bit_quant_type="nf4"' in (result.written["adapter"] / "README.md").read_text()
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["rope_parameters"]["factor"] == 2.0
     weights = load_file(out / "model.safetensors")

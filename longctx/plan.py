@@ -326,21 +326,19 @@ def layer_working_set(shape: ModelShape, cfg: RunConfig, tokens: int, sp: int, p
     """
     h, kv, i, b = shape.hidden_size, shape.kv_dim, shape.intermediate_size, param_bytes
     kv_local = max(kv, shape.head_dim * sp)  # Ulysses replicates kv heads when P exceeds their count
-    # RMSNorm saves its input in fp32 (a copy unless it is fp32 already), the normalised x and its output.
-    norm_bytes = (4 * h if b < 4 else 0) + 2 * h * b
-    # q, k, v; rotate_half(q), rotate_half(k) and the rotated q, k; S²-Attn's window buffers of q, k, v and its
-    # output; the output back in token order; o_proj's (contiguous) input; the residual sum.
-    attention = (h + 2 * kv_local) + 2 * (h + kv_local) + (h + 2 * kv_local) + h + h + h + h
+    # Per token, from one decoder layer's forward + backward measured on CPU (benchmarks/plan_calibration.py, layer
+    # probe: the peak grows by exactly 6 × intermediate and by ~10 × hidden + 2 × kv width elements per token):
+    # the two RMSNorms keep 8 × hidden bytes each in any dtype (fp32 upcast or fp32 normalised x, and the output);
+    # q, k, v, RoPE, S²-Attn and o_proj ~6 × hidden + 2 × kv width; the MLP six intermediate-sized tensors at its
+    # peak (four saved, two gradients).
+    norms = 2 * 8 * h
+    attention = 6 * h + 2 * kv_local
     mlp_rows = tokens
     if cfg.memory.tiled_mlp:  # longctx.tiling.TiledMLP: ceil(n / hidden) tiles of each sequence by default
         n = tokens // cfg.train.micro_batch_size
         mlp_rows = math.ceil(tokens / (cfg.memory.tiled_mlp_shards or max(1, math.ceil(n / h))))
-    # gate, up, act(gate), act(gate)·up saved; in its backward two gradients of intermediate size are alive
-    # while act(gate) and up still are, so the MLP peaks at six intermediate-sized tensors.
-    mlp = 6 * i
-    mlp_io = 2 * h  # the MLP output and the layer output
-    gradient_flow = h  # the gradient arriving at the layer's output
-    working = tokens * (2 * norm_bytes + (attention + mlp_io + gradient_flow) * b) + mlp_rows * mlp * b
+        attention += 3 * h  # the tiles' outputs, their concatenation and its gradient (measured the same way)
+    working = tokens * (norms + attention * b) + mlp_rows * 6 * i * b
     if cfg.attention.implementation == "eager":  # the (heads/P) × N × N scores and their softmax
         n_global = tokens * sp
         working += 2 * (shape.num_attention_heads // sp) * n_global * n_global * b

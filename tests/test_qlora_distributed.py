@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from longctx.config import RunConfig, load_config
+from longctx.model import build_model
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist" / "qlora_train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+sys.path.insert(0, str(SCRIPT.parent))
+from train_tiny import TINY_LLAMA  # noqa: E402
+
 # 4 sequences = one global batch (2 ranks × 2 accumulation steps), trained on again and again.
 RUN = ["--num-samples", "4", "train.max_steps=6", "train.lr=1e-2", "train.save_every=0"]
 # ZeRO-2 and ZeRO-3 reduce gradients in a different order; fp32 round-off stays far below this.
@@ -34,11 +40,16 @@ def losses(output_dir: Path) -> list[float]:
 
 @pytest.mark.distributed
 def test_two_ranks_train_a_4bit_base_under_zero2_and_zero3(tmp_path):
+    # The base comes from a directory, as in real use: under ZeRO-3 transformers loads the 4-bit model whole on every
+    # rank (never inside zero.Init) and the engine then partitions it.
+    base = tmp_path / "base"
+    build_model(load_config(RunConfig, None, [TINY_LLAMA, "rope.type=none"]), for_training=False).save_pretrained(base)
     trajectories = {}
     for stage in ("stage2", "stage3"):
         launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port())]
         result = subprocess.run(
-            [*launcher, str(SCRIPT), str(tmp_path / stage), *RUN, f"deepspeed.config=ds_configs/{stage}.json"],
+            [*launcher, str(SCRIPT), str(tmp_path / stage), *RUN, f"deepspeed.config=ds_configs/{stage}.json"]
+            + ["model.init={}", f"model.path={base}"],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -119,7 +119,9 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     if cfg.quant.enabled:  # the block linears in 4 bits (QLoRA), see longctx.quant
         from longctx import quant
 
-        model = quant.load_quantized(cfg, hf_config, dtype=dtype, attn_implementation=attn_implementation)
+        model = quant.load_quantized(
+            cfg, hf_config, dtype=dtype, attn_implementation=attn_implementation, for_training=for_training
+        )
         if not for_training:  # the base as the 4-bit run computes with it, in plain linears
             model = quant.dequantize_linears(model, dtype)
     elif cfg.model.init:

@@ -79,9 +79,16 @@ def bnb_config(cfg: RunConfig, model_dtype: torch.dtype, stage: int | None):
     )
 
 
-def load_quantized(cfg: RunConfig, hf_config, *, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+def load_quantized(
+    cfg: RunConfig, hf_config, *, dtype: torch.dtype, attn_implementation: str, for_training: bool
+) -> nn.Module:
     """The base with its block linears in 4 bits: model.path quantized while loading, or a random init (model.init,
-    seeded by train.seed) saved to a temporary directory and loaded from there the same way."""
+    seeded by train.seed) saved to a temporary directory and loaded from there the same way.
+
+    For training on a GPU each rank loads straight onto its GPU, quantizing tensor by tensor there (host memory never
+    holds the 16-bit model; under ZeRO-3 the engine then partitions the 4-bit weights). Otherwise (export, eval) the
+    model is quantized on the CPU, where it is dequantized next.
+    """
     import safetensors.torch
     from transformers import AutoModelForCausalLM
 
@@ -95,6 +102,8 @@ def load_quantized(cfg: RunConfig, hf_config, *, dtype: torch.dtype, attn_implem
         quantization_config=quantization_config,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    if for_training and torch.cuda.is_available():
+        load["device_map"] = {"": torch.cuda.current_device()}
     if cfg.model.path:
         from safetensors import SafetensorError
 

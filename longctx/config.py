@@ -331,8 +331,9 @@ class QuantConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the 4-bit weights are dequantized to for matmuls. auto: the model's dtype."""
     storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
-    """Container dtype of the packed 4-bit weights. auto: uint8 under ZeRO-2, the model dtype under ZeRO-3
-    (ZeRO-3 partitions only floating-point tensors)."""
+    """Container dtype of the packed 4-bit weights. auto: uint8 under ZeRO-2, the model dtype under ZeRO-3 (the
+    layout ZeRO-3/FSDP QLoRA setups use; uint8 was also seen to partition correctly). A float container other than
+    the model dtype is refused in bf16/fp16 runs: DeepSpeed would cast it and corrupt the codes."""
 
     @property
     def enabled(self) -> bool:

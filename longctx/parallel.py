@@ -14,7 +14,7 @@ with P ranks computes the same function as one rank.
 
 The labels are shifted by one BEFORE the split (`shard_batch`), so the last token of each chunk is scored against
 the first token of the next one, and the loss is a token-weighted sum over all chunks, exactly as with P = 1.
-DeepSpeed sums gradients over the ranks of a sequence group and averages over the data-parallel ones.
+Each rank's loss is scaled by `gradient_sum_factor` so that DeepSpeed's gradient reduction yields the sum.
 """
 
 from __future__ import annotations
@@ -101,6 +101,25 @@ def num_unshifted_heads(num_heads: int, size: int, rank: int) -> int:
     """How many of rank's heads [rank·H/P, (rank+1)·H/P) lie below H/2, i.e. are S²-Attn's unshifted heads."""
     local = num_heads // size
     return min(max(num_heads // 2 - rank * local, 0), local)
+
+
+def gradient_sum_factor(ds_config: dict, sp: SequenceParallel) -> int:
+    """The factor on each rank's loss that makes DeepSpeed's gradient reduction the SUM over all ranks.
+
+    DeepSpeed 0.19 sums gradients within a sequence group and averages them over the data-parallel groups (so the
+    factor is the data-parallel size), except on ZeRO-3's reduce-scatter path (zero_optimization.reduce_scatter,
+    on by default), which averages over every rank of the sequence-data-parallel group: there it is the world size.
+    tests/test_parallel_distributed.py checks both against one-process gradients.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if sp.size == 1 or zero.get("stage", 0) != 3:
+        return sp.data_parallel_size
+    if not zero.get("reduce_scatter", True):
+        raise UserError(
+            "ZeRO-3 with parallel.sequence_parallel_size > 1 needs zero_optimization.reduce_scatter=true in "
+            "deepspeed.config (DeepSpeed's other path scales gradients differently): remove reduce_scatter=false"
+        )
+    return sp.size * sp.data_parallel_size
 
 
 def init_sequence_parallel(sequence_parallel_size: int) -> SequenceParallel:

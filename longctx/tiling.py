@@ -2,15 +2,19 @@
 activation offload to host memory. Each computes the same values and gradients as the plain model (to fp32
 round-off); only what is kept alive between forward and backward changes.
 
-- Tiled MLP: each decoder MLP runs over the sequence in tiles, each tile under (non-reentrant) activation
-  checkpointing, so only one tile's (tokens × intermediate) activations exist at a time, in forward and when the
-  backward recomputes them. DeepSpeed ALST's TiledMLP does the same with a hand-written autograd function; checkpoint
-  gives one autograd graph, so parameter gradients accumulate once per step as usual, ZeRO-3 included.
-- Tiled loss: the logits and the cross-entropy are computed chunk by chunk, again under checkpointing, so the full
-  (tokens × vocab) fp32 logits never exist; only one chunk's do.
+- Tiled MLP: each decoder MLP runs over the sequence in tiles, so only one tile's (tokens × intermediate)
+  activations exist at a time; the backward recomputes them tile by tile (DeepSpeed ALST's TiledMLP).
+- Tiled loss: the logits and the cross-entropy are computed chunk by chunk, in forward and again in backward, so
+  the full (tokens × vocab) fp32 logits never exist; only one chunk's do.
 - Activation offload: while the forward runs, tensors saved for backward (with activation checkpointing: each
   layer's input, the checkpoints) are moved to host memory and brought back when the backward needs them.
   Parameters stay where they are.
+
+Both tiled computations are autograd functions that keep only their input: forward runs the tiles without a graph,
+backward reruns each tile with one and back-propagates through it (a nested backward, as DeepSpeed's TiledMLP does,
+rather than torch checkpointing, whose recompute check trips over ZeRO-3 releasing the weights between the
+recompute and their use). Under ZeRO the tile's trainable weights are marked `ds_grad_is_ready` only for the last
+tile, so ZeRO reduces their gradient once, after all tiles have added to it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from longctx.errors import UserError
 
@@ -62,10 +65,30 @@ class TiledMLP(nn.Module):
         num_shards = self.shards_for(x)
         if num_shards == 1:
             return mlp(x)
-        tiles = x.chunk(num_shards, dim=1)  # (B, n / shards, hidden) each
-        if not torch.is_grad_enabled():
-            return torch.cat([mlp(tile) for tile in tiles], dim=1)
-        return torch.cat([checkpoint(mlp, tile, use_reentrant=False) for tile in tiles], dim=1)
+        return _TiledMLPFunction.apply(x, mlp, num_shards)
+
+
+class _TiledMLPFunction(torch.autograd.Function):
+    """mlp(x) over tiles of dim 1; keeps only x for backward. x: (B, n, hidden) -> (B, n, hidden)."""
+
+    @staticmethod
+    def forward(ctx, x, mlp, num_shards):
+        ctx.save_for_backward(x)
+        ctx.mlp, ctx.num_shards = mlp, num_shards
+        return torch.cat([mlp(tile) for tile in x.chunk(num_shards, dim=1)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        tiles = _slices(x.shape[1], ctx.num_shards)
+        for last, tile in _with_last(tiles):
+            with _grad_ready_only_if(ctx.mlp, last), torch.enable_grad():
+                x_tile = x[:, tile].detach().requires_grad_(grad_x is not None)
+                torch.autograd.backward(ctx.mlp(x_tile), grad_output[:, tile])
+            if grad_x is not None:
+                grad_x[:, tile] = x_tile.grad
+        return grad_x, None, None
 
 
 def apply_tiled_mlp(model: nn.Module, num_shards: int = 0) -> int:
@@ -97,19 +120,59 @@ def tiled_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     """Sum of cross-entropies of lm_head(hidden) against targets, chunk_tokens at a time (float32).
 
     hidden: (B, n, hidden_size), the final normed hidden states; targets: (B, n) token ids, IGNORE_INDEX skipped.
-    Each chunk runs under checkpointing: its logits are freed after its forward and recomputed in backward.
     Works for any lm_head (frozen, trainable, LoRA-wrapped): it is simply called on each chunk.
     """
-    hidden = hidden.flatten(0, 1)  # (B·n, hidden_size)
-    targets = targets.flatten()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        chunk = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, lm_head, hidden[chunk], targets[chunk], use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(lm_head, hidden[chunk], targets[chunk])
-    return total
+    # (B, n, hidden_size) -> (B·n, hidden_size): chunks of tokens, whatever the batch size
+    return _TiledLossFunction.apply(hidden.flatten(0, 1), targets.flatten(), lm_head, chunk_tokens)
+
+
+class _TiledLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, lm_head, chunk_tokens):
+        ctx.save_for_backward(hidden, targets)
+        ctx.lm_head, ctx.chunk_tokens = lm_head, chunk_tokens
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            total += _chunk_loss_sum(lm_head, hidden[chunk], targets[chunk])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, targets = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        chunks = [slice(start, start + ctx.chunk_tokens) for start in range(0, hidden.shape[0], ctx.chunk_tokens)]
+        for last, chunk in _with_last(chunks):
+            with _grad_ready_only_if(ctx.lm_head, last), torch.enable_grad():
+                hidden_chunk = hidden[chunk].detach().requires_grad_(grad_hidden is not None)
+                torch.autograd.backward(_chunk_loss_sum(ctx.lm_head, hidden_chunk, targets[chunk]), grad_total)
+            if grad_hidden is not None:
+                grad_hidden[chunk] = hidden_chunk.grad
+        return grad_hidden, None, None, None
+
+
+def _slices(length: int, num_parts: int) -> list[slice]:
+    """The slices torch.chunk(num_parts) cuts a dimension of `length` into."""
+    step = math.ceil(length / num_parts)
+    return [slice(start, start + step) for start in range(0, length, step)]
+
+
+def _with_last(items: list) -> list[tuple[bool, object]]:
+    return [(index == len(items) - 1, item) for index, item in enumerate(items)]
+
+
+@contextlib.contextmanager
+def _grad_ready_only_if(module: nn.Module, ready: bool):
+    """Tell ZeRO (stage 1-3) whether module's trainable weights have their complete gradient after this backward;
+    plain PyTorch ignores the flag and simply accumulates."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for param in params:
+        param.ds_grad_is_ready = ready
+    try:
+        yield
+    finally:
+        for param in params:
+            param.ds_grad_is_ready = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -445,6 +445,7 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
     Raises Preempted after checkpointing the step at which any rank got SIGTERM/SIGUSR1.
     """
     device, accum = engine.device, ds_config["gradient_accumulation_steps"]
+    grad_factor = parallel.gradient_sum_factor(ds_config, sp)
     last_save = None
     start = time.perf_counter()
     while step < cfg.train.max_steps:
@@ -462,9 +463,8 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
         lr = scheduler.get_last_lr()[0]
         for batch in step_batches:
             micro_loss_sum = token_loss_sum(engine, batch, cfg.memory)
-            # DeepSpeed sums gradients over a sequence group and averages them over the data-parallel groups:
-            # × data_parallel_size turns that into the sum over every rank.
-            engine.backward(micro_loss_sum * sp.data_parallel_size / label_tokens, scale_wrt_gas=False)
+            # DeepSpeed averages gradients over ranks (see parallel.gradient_sum_factor): this turns that into a sum.
+            engine.backward(micro_loss_sum * grad_factor / label_tokens, scale_wrt_gas=False)
             engine.step()
             loss_sum += micro_loss_sum.detach()
         dist.all_reduce(loss_sum)

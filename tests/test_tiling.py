@@ -28,23 +28,33 @@ def llama_mlp():
     return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu"))
 
 
+def output_and_grads(fn, inputs: list[torch.Tensor], params: list[torch.Tensor], grad_out=None):
+    """fn(*inputs), then the .grad of inputs and params after backward (tiling accumulates parameter gradients
+    in a nested backward, so they are read from .grad, as an optimizer does)."""
+    for tensor in [*inputs, *params]:
+        tensor.grad = None
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad.clone() for t in [*inputs, *params]]
+
+
 @pytest.mark.parametrize("num_shards", [0, 3, 7])
 def test_tiled_mlp_same_values_and_gradients(num_shards):
     mlp = llama_mlp()
+    params = list(mlp.parameters())
     x = torch.randn(2, 50, 16, requires_grad=True)
     grad_out = torch.randn(2, 50, 16)
-    expected = mlp(x)
-    expected_grads = torch.autograd.grad(expected, [x, *mlp.parameters()], grad_out)
+    expected, expected_grads = output_and_grads(mlp, [x], params, grad_out)
 
     tiled = TiledMLP(mlp, num_shards)
     assert tiled.shards_for(x) == (num_shards or 4)  # 0: ceil(50 tokens / hidden 16)
-    out = tiled(x)
-    grads = torch.autograd.grad(out, [x, *tiled.parameters()], grad_out)
+    out, grads = output_and_grads(tiled, [x], params, grad_out)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, **TOLERANCE)
     # The wrapper exposes the MLP's own parameters under the MLP's own names.
     assert tiled.state_dict().keys() == mlp.state_dict().keys()
+    assert all(getattr(p, "ds_grad_is_ready", True) for p in params)
 
 
 def test_tiled_mlp_runs_each_tile_separately():
@@ -62,15 +72,14 @@ def test_tiled_loss_same_value_and_gradients_and_small_logits():
     hidden = torch.randn(2, 37, 16, requires_grad=True)
     targets = torch.randint(0, 300, (2, 37))
     targets[0, -5:] = IGNORE_INDEX
-    expected = F.cross_entropy(
-        lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    expected_grads = torch.autograd.grad(expected, [hidden, lm_head.weight])
 
+    def plain_loss(h):
+        return F.cross_entropy(lm_head(h).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    expected, expected_grads = output_and_grads(plain_loss, [hidden], [lm_head.weight])
     logit_rows = []
     lm_head.register_forward_hook(lambda module, args, out: logit_rows.append(out.shape[0]))
-    loss = tiled_loss_sum(lm_head, hidden, targets, chunk_tokens=16)
-    grads = torch.autograd.grad(loss, [hidden, lm_head.weight])
+    loss, grads = output_and_grads(lambda h: tiled_loss_sum(lm_head, h, targets, 16), [hidden], [lm_head.weight])
     torch.testing.assert_close(loss, expected, **TOLERANCE)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, **TOLERANCE)

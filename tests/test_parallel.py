@@ -1,0 +1,123 @@
+"""Sequence parallelism without a process group: the per-head S²-Attn pattern of a rank's head slice, the batch
+split, the rank layout and the one-line errors for combinations that cannot be split."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+
+from longctx.attention import s2_attention, s2attn_forward, segment_ids_from_position_ids
+from longctx.errors import UserError
+from longctx.parallel import IGNORE_INDEX, check_model, layout, num_unshifted_heads, shard_batch
+
+
+def packed_positions(seq_len: int, doc_starts: list[int]) -> torch.Tensor:
+    positions, start = [], 0
+    for end in [*doc_starts[1:], seq_len]:
+        positions += list(range(end - start))
+        start = end
+    return torch.tensor(positions)[None]
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "size"),
+    [(4, 2, 2), (8, 2, 4), (8, 8, 2), (12, 6, 3), (8, 2, 2)],  # 12 heads over 3: rank 1 holds heads 4..7, H/2 = 6
+)
+def test_each_rank_head_slice_computes_the_single_rank_heads(num_heads, num_kv_heads, size):
+    """What a rank's core attention computes on its slice equals those heads of the one-rank S²-Attn."""
+    torch.manual_seed(0)
+    seq_len, group_size, head_dim = 48, 16, 8
+    q = torch.randn(2, num_heads, seq_len, head_dim, dtype=torch.float64)
+    k = torch.randn(2, num_kv_heads, seq_len, head_dim, dtype=torch.float64)
+    v = torch.randn(2, num_kv_heads, seq_len, head_dim, dtype=torch.float64)
+    position_ids = packed_positions(seq_len, [0, 13, 30]).expand(2, -1)
+    segment_ids = segment_ids_from_position_ids(position_ids)  # three packed documents, kept apart
+    reference = s2_attention(q, k, v, group_size, position_ids=position_ids, segment_ids=segment_ids)  # (B, H, N, D)
+
+    module = types.SimpleNamespace(training=True, config=types.SimpleNamespace(s2attn={"group_size": group_size}))
+    heads_per_rank = num_heads // size
+    for rank in range(size):
+        heads = slice(rank * heads_per_rank, (rank + 1) * heads_per_rank)
+        # Ulysses hands kv heads in the same slices, replicated when there are fewer kv heads than ranks.
+        kv_index = torch.arange(rank * heads_per_rank, (rank + 1) * heads_per_rank) // (num_heads // num_kv_heads)
+        kv_heads = kv_index.unique()
+        out, _ = s2attn_forward(
+            module,
+            q[:, heads],
+            k[:, kv_heads],
+            v[:, kv_heads],
+            None,
+            position_ids=position_ids,
+            num_unshifted_heads=num_unshifted_heads(num_heads, size, rank),
+        )
+        torch.testing.assert_close(out.transpose(1, 2), reference[:, heads], rtol=1e-12, atol=1e-12)
+
+
+def test_local_head_offsets_are_global():
+    assert [num_unshifted_heads(8, 1, 0)] == [4]
+    assert [num_unshifted_heads(8, 2, r) for r in range(2)] == [4, 0]
+    assert [num_unshifted_heads(8, 4, r) for r in range(4)] == [2, 2, 0, 0]
+    assert [num_unshifted_heads(12, 3, r) for r in range(3)] == [4, 2, 0]
+
+
+def test_ignoring_the_global_index_changes_the_result():
+    """The test above can fail: a rank of shifted heads treated as a one-rank run (half unshifted) differs."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 4, dtype=torch.float64) for _ in range(3))
+    as_shifted = s2_attention(q, k, v, 8, num_unshifted_heads=0)
+    as_one_rank = s2_attention(q, k, v, 8)
+    assert not torch.allclose(as_shifted, as_one_rank)
+
+
+def test_shard_batch_shifts_labels_before_splitting():
+    input_ids = torch.arange(16).view(2, 8)
+    labels = input_ids.clone()
+    labels[1, -2:] = IGNORE_INDEX
+    position_ids = packed_positions(8, [0, 3]).expand(2, -1)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    chunks = [shard_batch(batch, 2, rank) for rank in range(2)]
+    # Rank 0's last position predicts rank 1's first token.
+    assert chunks[0]["target_ids"][0, -1] == input_ids[0, 4]
+    assert torch.equal(torch.cat([c["input_ids"] for c in chunks], 1), input_ids)
+    assert torch.equal(torch.cat([c["position_ids"] for c in chunks], 1), position_ids)
+    targets = torch.cat([c["target_ids"] for c in chunks], 1)
+    assert torch.equal(targets, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX))
+    # Over the chunks, the same tokens are scored as by the unsplit next-token loss.
+    assert int((targets != IGNORE_INDEX).sum()) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_layout_groups_consecutive_ranks():
+    assert [layout(4, r, 2) for r in range(4)] == [(0, 2, 0), (1, 2, 0), (0, 2, 1), (1, 2, 1)]
+    with pytest.raises(UserError, match="world size 3 is not a multiple of parallel.sequence_parallel_size=2"):
+        layout(3, 0, 2)
+
+
+def llama_config(num_heads: int, num_kv_heads: int) -> LlamaConfig:
+    return LlamaConfig(hidden_size=8 * num_heads, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "size", "seq_len", "implementation", "message"),
+    [
+        (6, 6, 4, 64, "s2attn", "6 attention heads do not divide over parallel.sequence_parallel_size=4"),
+        (8, 8, 8, 64, "s2attn", "leaves 1 head\\(s\\) per rank, but each rank needs an even number of heads"),
+        (12, 3, 2, 64, "s2attn", "3 key/value heads and parallel.sequence_parallel_size=2 do not divide"),
+        (8, 2, 4, 66, "s2attn", "train.seq_len=66 is not a multiple of parallel.sequence_parallel_size=4"),
+        (8, 2, 2, 64, "eager", "attention.implementation=eager has no sequence-parallel version"),
+    ],
+)
+def test_bad_sequence_parallel_combinations_are_one_line_errors(
+    heads, kv_heads, size, seq_len, implementation, message
+):
+    with pytest.raises(UserError, match=message) as error:
+        check_model(llama_config(heads, kv_heads), size, seq_len, implementation)
+    assert "\n" not in str(error.value) and ": " in str(error.value)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "size"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (64, 8, 16), (32, 32, 8)])
+def test_good_sequence_parallel_combinations_pass(heads, kv_heads, size):
+    check_model(llama_config(heads, kv_heads), size, 1024, "s2attn")

@@ -373,6 +373,16 @@ class RunConfig:
                 f"train.seq_len={train.seq_len} is not a multiple of parallel.sequence_parallel_size={sp}: "
                 "pick a sequence length that divides evenly"
             )
+        if sp > 1 and attn.implementation not in ("s2attn", "sdpa"):
+            errors.append(
+                f"attention.implementation={attn.implementation} has no sequence-parallel version "
+                f"(parallel.sequence_parallel_size={sp}): use s2attn or sdpa"
+            )
+        if self.memory.offload_activations and not self.model.activation_checkpointing:
+            errors.append(
+                "memory.offload_activations=true offloads activation checkpoints, but model.activation_checkpointing "
+                "is false: set model.activation_checkpointing=true"
+            )
 
     @property
     def group_size(self) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from longctx.attention import s2_attention, s2attn_forward, segment_ids_from_position_ids
+from longctx.config import ConfigError, RunConfig, load_config
 from longctx.errors import UserError
 from longctx.parallel import IGNORE_INDEX, check_model, layout, num_unshifted_heads, shard_batch
 
@@ -121,3 +122,20 @@ def test_bad_sequence_parallel_combinations_are_one_line_errors(
 @pytest.mark.parametrize(("heads", "kv_heads", "size"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (64, 8, 16), (32, 32, 8)])
 def test_good_sequence_parallel_combinations_pass(heads, kv_heads, size):
     check_model(llama_config(heads, kv_heads), size, 1024, "s2attn")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.sequence_parallel_size=2", "attention.implementation=eager"], "has no sequence-parallel version"),
+        (
+            ["parallel.sequence_parallel_size=3", "train.seq_len=64"],
+            "not a multiple of parallel.sequence_parallel_size",
+        ),
+        (["memory.offload_activations=true", "model.activation_checkpointing=false"], "model.activation_checkpointing"),
+    ],
+)
+def test_config_refuses_bad_parallel_and_memory_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(RunConfig, None, ["model.init={model_type: llama}", *overrides])
+    assert "\n" not in str(error.value)

@@ -449,32 +449,35 @@ def peak_of(gpu: dict[str, float], zero_stage: int) -> float:
     return throughout + max(gpu["logits"], backward)
 
 
-def sequence_parallel_degrees(shape: ModelShape, seq_len: int, world_size: int) -> list[int]:
-    """Ulysses degrees P: P divides the world, the heads and seq_len; kv heads divide P or P divides them."""
-    kv = shape.num_key_value_heads
-    return [
-        p
-        for p in range(1, world_size + 1)
-        if world_size % p == 0
-        and shape.num_attention_heads % p == 0
-        and seq_len % p == 0
-        and (kv % p == 0 or p % kv == 0)
-    ]
+def sequence_parallel_degrees(shape: ModelShape, cfg: RunConfig, world_size: int) -> list[int]:
+    """The Ulysses degrees P that divide the world and that longctx.parallel.check_model accepts."""
+    return [p for p in range(1, world_size + 1) if world_size % p == 0 and not sequence_parallel_problem(shape, cfg, p)]
+
+
+def sequence_parallel_problem(shape: ModelShape, cfg: RunConfig, size: int) -> str:
+    """Why P = size cannot split this model and sequence ("" if it can): the rules of parallel.check_model."""
+    if size == 1:
+        return ""
+    heads, kv = shape.num_attention_heads, shape.num_key_value_heads
+    implementation = cfg.attention.implementation
+    if implementation not in ("s2attn", "sdpa"):
+        return f"attention.implementation={implementation} has no sequence-parallel version: use s2attn or sdpa"
+    if heads % size:
+        return f"it does not divide the model's {heads} attention heads: pick a divisor of the head count"
+    if implementation == "s2attn" and (heads // size) % 2:
+        return f"S²-Attn needs an even number of heads per rank: pick a divisor of {heads // 2}"
+    if kv % size and size % kv:
+        return f"it and the model's {kv} kv heads do not divide one another: pick a divisor or multiple of {kv}"
+    if cfg.train.seq_len % size:
+        return f"it does not divide train.seq_len={cfg.train.seq_len}: pick a degree that does"
+    return ""
 
 
 def check_sequence_parallel(cfg: RunConfig, shape: ModelShape, cluster: Cluster) -> None:
     sp = cfg.parallel.sequence_parallel_size
-    if shape.num_attention_heads % sp:
-        raise UserError(
-            f"parallel.sequence_parallel_size={sp} does not divide the model's {shape.num_attention_heads} attention "
-            "heads: pick a divisor of the head count"
-        )
-    kv = shape.num_key_value_heads
-    if kv % sp and sp % kv:
-        raise UserError(
-            f"parallel.sequence_parallel_size={sp} and the model's {kv} kv heads: one must divide the other for "
-            "Ulysses: pick another degree"
-        )
+    problem = sequence_parallel_problem(shape, cfg, sp)
+    if problem:
+        raise UserError(f"parallel.sequence_parallel_size={sp}: {problem}")
     if cluster.world_size % sp:
         raise UserError(
             f"parallel.sequence_parallel_size={sp} does not divide {cluster.world_size} GPUs "
@@ -536,7 +539,7 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, max_nodes: int = 128) -> Plan:
     def estimates_for(c: Cluster) -> list[Estimate]:
         return [
             estimate(cfg, shape, c, Strategy(zero, sp), settings[zero])
-            for sp in sequence_parallel_degrees(shape, cfg.train.seq_len, c.world_size)
+            for sp in sequence_parallel_degrees(shape, cfg, c.world_size)
             for zero in SHIPPED_DS_CONFIGS
         ]
 

@@ -232,10 +232,35 @@ def test_llama2_70b_at_100k_fits_multinode_with_its_sp_preset(nodes):
 
 
 def test_sequence_parallel_degrees_respect_heads_and_kv_heads():
-    plan = plan_run(preset("llama2-70b-100k-sp"), Cluster(8, 8, 80, 1024))
-    assert sorted({e.strategy.sequence_parallel for e in plan.estimates}) == [1, 2, 4, 8, 16, 32, 64]
-    tiny = plan_run(tiny_config(), Cluster(2, 6, 80, 1024))  # 4 heads, 2 kv heads, 12 GPUs
+    plan = plan_run(preset("llama2-70b-100k-sp"), Cluster(8, 8, 80, 1024))  # 64 heads: S²-Attn needs 2 per rank
+    assert sorted({e.strategy.sequence_parallel for e in plan.estimates}) == [1, 2, 4, 8, 16, 32]
+    dense = plan_run(preset("llama2-70b-100k-sp", "attention.implementation=sdpa"), Cluster(8, 8, 80, 1024))
+    assert sorted({e.strategy.sequence_parallel for e in dense.estimates}) == [1, 2, 4, 8, 16, 32, 64]
+    tiny = plan_run(tiny_config("attention.implementation=sdpa"), Cluster(2, 6, 80, 1024))  # 4 heads, 2 kv, 12 GPUs
     assert sorted({e.strategy.sequence_parallel for e in tiny.estimates}) == [1, 2, 4]
+    eager = plan_run(tiny_config("attention.implementation=eager"), Cluster(2, 6, 80, 1024))
+    assert {e.strategy.sequence_parallel for e in eager.estimates} == {1}
+
+
+@pytest.mark.parametrize("implementation", ["s2attn", "sdpa"])
+def test_sequence_parallel_rules_agree_with_the_trainer(implementation):
+    """plan offers exactly the degrees that longctx.parallel.check_model accepts."""
+    from transformers import LlamaConfig
+
+    from longctx.parallel import check_model
+    from longctx.plan import sequence_parallel_problem
+
+    for heads, kv_heads in [(64, 8), (32, 32), (8, 2), (40, 40)]:
+        hf_config = LlamaConfig(hidden_size=heads * 16, num_attention_heads=heads, num_key_value_heads=kv_heads)
+        shape = dataclasses.replace(model_shape(tiny_config()), num_attention_heads=heads, num_key_value_heads=kv_heads)
+        cfg = tiny_config(f"attention.implementation={implementation}", "train.seq_len=5120")
+        for size in range(1, 81):
+            try:
+                check_model(hf_config, size, 5120, implementation)
+                accepted = True
+            except UserError:
+                accepted = False
+            assert accepted == (sequence_parallel_problem(shape, cfg, size) == ""), (heads, kv_heads, size)
 
 
 def test_model_shape_from_a_config_json_without_weights(tmp_path):
@@ -258,7 +283,7 @@ def test_model_shape_from_a_config_json_without_weights(tmp_path):
         (lambda: plan_run(preset("llama2-7b-100k"), Cluster(1, 8, -80, 1024)), "--gpu-memory-gb=-80 must be > 0"),
         (
             lambda: plan_run(preset("llama2-7b-100k", "parallel.sequence_parallel_size=5"), Cluster(5, 8, 80, 1024)),
-            "parallel.sequence_parallel_size=5 does not divide the model's 32 attention heads",
+            "parallel.sequence_parallel_size=5: it does not divide the model's 32 attention heads",
         ),
         (
             lambda: plan_run(preset("llama2-70b-100k-sp"), Cluster(1, 4, 80, 1024)),

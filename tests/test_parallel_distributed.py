@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from longctx.config import RunConfig, load_config
 from longctx.model import build_model
@@ -82,6 +83,11 @@ def test_two_by_two_data_and_sequence_parallel_zero3_trains_like_one_rank(tmp_pa
         assert math.isclose(a["loss"], b["loss"], rel_tol=LOSS_TOLERANCE), (a, b)
         # Adam hides a gradient scale error from the losses (but not from clipping): check the norm itself.
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a, b)
+    # The final models (consolidated from the 4-rank ZeRO-3 checkpoint, LoRA merged) agree. Measured: 4.5e-7.
+    trained, reference = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("four", "one"))
+    assert trained.keys() == reference.keys()
+    for name, weight in reference.items():
+        assert (trained[name] - weight).norm() <= 1e-5 * weight.norm(), name
 
 
 @pytest.mark.distributed

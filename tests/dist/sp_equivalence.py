@@ -87,7 +87,11 @@ def main() -> None:
     model = build_model(cfg)  # same seed: the same weights
     micro_batch_size = 1 if args.engine else 2  # --engine: one sequence per data-parallel group
     parallel.enable_on_model(
-        model, sp, micro_batch_size=micro_batch_size, seq_len=cfg.train.seq_len, implementation="s2attn"
+        model,
+        sp,
+        micro_batch_size=micro_batch_size,
+        seq_len=cfg.train.seq_len,
+        implementation=cfg.attention.implementation,
     )
     if args.engine:
         loss, grads = engine_loss_and_grads(cfg, model, full, sp, num_tokens, world_size)

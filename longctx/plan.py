@@ -593,7 +593,7 @@ def format_table(cfg: RunConfig, plan: Plan) -> str:
         f"micro batch {cfg.train.micro_batch_size}, {_training_label(cfg)}, {cfg.attention.implementation}"
         + (f" G={cfg.group_size}" if cfg.attention.implementation == "s2attn" else "")
         + f", {_memory_label(cfg)}",
-        f"cluster: {c.nodes} nodes × {c.gpus_per_node} GPUs = {c.world_size} GPUs of {c.gpu_memory_gib:g} GiB, "
+        f"cluster: {c.nodes} node(s) × {c.gpus_per_node} GPUs = {c.world_size} GPUs of {c.gpu_memory_gib:g} GiB, "
         f"host {c.host_memory_gib:g} GiB per node",
         "",
         "per-GPU memory in GiB (peak = the parts, with the logits or the layer (+ ZeRO-2's buckets), whichever is "
@@ -623,7 +623,7 @@ def format_table(cfg: RunConfig, plan: Plan) -> str:
                                for i, (v, w) in enumerate(zip(r, widths))).rstrip())  # fmt: skip
     lines.append("")
     if plan.recommended is None:
-        lines.append(f"smallest configuration that fits: none on {c.nodes} nodes")
+        lines.append("smallest configuration that fits: none on this cluster (the fits column says why)")
     else:
         lines.append(f"smallest configuration that fits: {plan.recommended.strategy.label} "
                      f"(peak {plan.recommended.gpu_total / GIB:.1f} GiB per GPU)")  # fmt: skip

@@ -312,7 +312,7 @@ def test_cli_prints_the_table_for_the_70b_sp_preset():
                      "--gpu-memory-gb", "80", "--host-memory-gb", "1024")  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "cluster: 4 nodes × 8 GPUs = 32 GPUs of 80 GiB" in out
+    assert "cluster: 4 node(s) × 8 GPUs = 32 GPUs of 80 GiB" in out
     assert "ZeRO-3 SP=8" in out and "<- preset" in out and "smallest configuration that fits: ZeRO-3 SP=" in out
     assert "step time:" in out and "legend:" in out
 

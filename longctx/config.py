@@ -290,6 +290,9 @@ class ParallelConfig:
 
     sequence_parallel_size: int = 1
     """Ranks that share one sequence (DeepSpeed Ulysses); world size = data-parallel × this."""
+    sequence_parallel_mode: Literal["ulysses", "halo"] = "ulysses"
+    """ulysses: all-to-all over heads (any attention, heads must divide). halo: S²-Attn's own split, each rank a
+    chunk of a multiple of G tokens exchanging G/2 tokens per layer with its neighbour (no document isolation)."""
 
     def validate(self, errors: list[str]) -> None:
         if self.sequence_parallel_size < 1:
@@ -373,6 +376,18 @@ class RunConfig:
                 f"train.seq_len={train.seq_len} is not a multiple of parallel.sequence_parallel_size={sp}: "
                 "pick a sequence length that divides evenly"
             )
+        if sp > 1 and self.parallel.sequence_parallel_mode == "halo":
+            if attn.implementation != "s2attn" or attn.isolate_documents:
+                errors.append(
+                    "parallel.sequence_parallel_mode=halo computes S²-Attn without document isolation only: set "
+                    "attention.implementation=s2attn and attention.isolate_documents=false, or use the ulysses mode"
+                )
+            elif (self.train.seq_len // sp) % self.group_size:
+                errors.append(
+                    f"parallel.sequence_parallel_mode=halo needs train.seq_len / {sp} = {self.train.seq_len // sp} "
+                    f"tokens per rank to be a multiple of the S²-Attn group size {self.group_size}: use fewer "
+                    "sequence-parallel ranks, a smaller attention.group_size, or the ulysses mode"
+                )
         if sp > 1 and attn.implementation not in ("s2attn", "sdpa"):
             errors.append(
                 f"attention.implementation={attn.implementation} has no sequence-parallel version "

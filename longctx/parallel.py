@@ -136,13 +136,21 @@ def init_sequence_parallel(sequence_parallel_size: int) -> SequenceParallel:
     return SequenceParallel(sequence_parallel_size, sp_rank, dp_size, dp_rank, group, mpu)
 
 
-def enable_on_model(model, sp: SequenceParallel, *, micro_batch_size: int, seq_len: int, implementation: str) -> None:
-    """Switch the model's attention to its Ulysses-wrapped version over sp.group (no-op when sp.size == 1)."""
+def enable_on_model(
+    model, sp: SequenceParallel, *, micro_batch_size: int, seq_len: int, implementation: str, mode: str = "ulysses"
+) -> None:
+    """Switch the model's attention to its sequence-parallel version over sp.group (no-op when sp.size == 1).
+
+    mode: "ulysses" (all-to-all over heads, any attention) or "halo" (S²-Attn only, see `halo_forward`).
+    """
     if sp.size == 1:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    check_model(base.config, sp.size, seq_len, implementation)
-    name = register_ulysses_attention(base.config, sp, micro_batch_size=micro_batch_size, core=implementation)
+    if mode == "halo":
+        name = register_halo_attention(sp)
+    else:
+        check_model(base.config, sp.size, seq_len, implementation)
+        name = register_ulysses_attention(base.config, sp, micro_batch_size=micro_batch_size, core=implementation)
     base.set_attn_implementation(name)
 
 
@@ -191,6 +199,97 @@ def register_ulysses_attention(hf_config, sp: SequenceParallel, *, micro_batch_s
     # No mask is built for the local chunk: positions (gathered inside the wrapper) carry causality and documents.
     AttentionMaskInterface.register(name, attention.s2attn_mask)
     return name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Halo exchange: S²-Attn's own split (parallel.sequence_parallel_mode=halo)
+# ----------------------------------------------------------------------------------------------------------------
+
+HALO_ATTENTION = "s2attn_halo"
+
+
+def register_halo_attention(sp: SequenceParallel) -> str:
+    """Register `halo_forward` over sp.group with transformers; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from longctx import attention
+
+    AttentionInterface.register(HALO_ATTENTION, functools.partial(halo_forward, sp=sp))
+    AttentionMaskInterface.register(HALO_ATTENTION, attention.s2attn_mask)
+    return HALO_ATTENTION
+
+
+def halo_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, sp, **kwargs):
+    """S²-Attn on this rank's contiguous chunk of n tokens, the chunk starting at a multiple of G.
+
+    Unshifted heads' groups never cross a chunk edge. A shifted head's group that does is [start - G/2,
+    start + G/2): its queries here need the previous rank's last G/2 keys and values, and nothing else crosses
+    (causality: the next rank's tokens are all later). So each layer receives a halo of G/2 tokens of the kv heads
+    that shifted heads read, from rank - 1 (and sends its own tail to rank + 1): G/2 tokens per layer, whatever n
+    or P, instead of Ulysses's all-to-all of q, k, v and the output. The chunk is computed as [halo; chunk] with
+    the global positions, and the halo's own outputs dropped.
+    query (B, H, n, D), key/value (B, Hkv, n, D); returns (B, n, H, D).
+    """
+    from longctx.attention import group_size_for, s2_attention
+
+    if attention_mask is not None or not module.training:
+        raise UserError(
+            "parallel.sequence_parallel_mode=halo only trains (no attention mask, no evaluation): "
+            "evaluate the saved model on one rank"
+        )
+    batch, num_heads, local_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group_size = group_size_for(module.config, local_len * sp.size)
+    half_group = group_size // 2
+    start = sp.rank * local_len
+    # kv heads read by any shifted head (h >= H/2): from the one head H/2 reads onwards
+    first_shifted_kv = (num_heads // 2) // (num_heads // num_kv_heads)
+    tail = torch.stack([key[:, first_shifted_kv:, -half_group:], value[:, first_shifted_kv:, -half_group:]])
+    halo = _HaloExchange.apply(tail.contiguous(), sp)  # (2, B, shifted kv heads, G/2, D) from rank - 1
+    if sp.rank == 0:
+        out = s2_attention(query, key, value, group_size, scale=scaling, dropout=dropout)
+        # Rank 0 reads no halo, but its exchange's backward must run: it receives the gradient of rank 0's tail
+        # from rank 1. A zero-weight dependency on the (zero) halo makes autograd run it.
+        return (out + 0 * halo.sum()).transpose(1, 2), None
+    # [halo; chunk]: the halo's unshifted kv heads and its queries are zeros; no query here reads them and the
+    # halo's outputs are dropped.
+    pad = query.new_zeros(batch, num_heads, half_group, head_dim)
+    kv_pad = key.new_zeros(batch, first_shifted_kv, half_group, head_dim)
+    key = torch.cat([torch.cat([kv_pad, halo[0]], 1), key], 2)  # (B, Hkv, G/2 + n, D)
+    value = torch.cat([torch.cat([kv_pad, halo[1]], 1), value], 2)
+    query = torch.cat([pad, query], 2)  # (B, H, G/2 + n, D)
+    positions = torch.arange(start - half_group, start + local_len, device=query.device)[None]
+    out = s2_attention(query, key, value, group_size, position_ids=positions, scale=scaling, dropout=dropout)
+    return out[:, :, half_group:].transpose(1, 2), None
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Send `tail` to rank + 1 and return what rank - 1 sent (zeros on rank 0); backward sends the halo's gradient
+    back to rank - 1 and returns the gradient rank + 1 sent for `tail` (zeros on the last rank)."""
+
+    @staticmethod
+    def forward(ctx, tail, sp):
+        ctx.sp = sp
+        return _shift(tail, sp, step=1)
+
+    @staticmethod
+    def backward(ctx, grad_halo):
+        return _shift(grad_halo.contiguous(), ctx.sp, step=-1), None
+
+
+def _shift(tensor: torch.Tensor, sp: SequenceParallel, step: int) -> torch.Tensor:
+    """What rank - step sent; this rank sends `tensor` to rank + step (point to point, within sp.group)."""
+    received = torch.zeros_like(tensor)
+    operations = []
+    destination, source = sp.rank + step, sp.rank - step
+    if 0 <= destination < sp.size:
+        operations.append(dist.P2POp(dist.isend, tensor, dist.get_global_rank(sp.group, destination), sp.group))
+    if 0 <= source < sp.size:
+        operations.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(sp.group, source), sp.group))
+    for request in dist.batch_isend_irecv(operations):
+        request.wait()
+    return received
 
 
 def dense_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):

@@ -381,7 +381,12 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
     with partitioned_loading(cfg, ds_config):
         model = build_model(cfg)
     parallel.enable_on_model(
-        model, sp, micro_batch_size=micro, seq_len=cfg.train.seq_len, implementation=cfg.attention.implementation
+        model,
+        sp,
+        micro_batch_size=micro,
+        seq_len=cfg.train.seq_len,
+        implementation=cfg.attention.implementation,
+        mode=cfg.parallel.sequence_parallel_mode,
     )
     if dataset is None:
         dataset = load_train_dataset(cfg, model.config)

@@ -133,6 +133,18 @@ def test_good_sequence_parallel_combinations_pass(heads, kv_heads, size):
             "not a multiple of parallel.sequence_parallel_size",
         ),
         (["memory.offload_activations=true", "model.activation_checkpointing=false"], "model.activation_checkpointing"),
+        (
+            [
+                "parallel.sequence_parallel_size=2",
+                "parallel.sequence_parallel_mode=halo",
+                "attention.isolate_documents=true",
+            ],
+            "without document isolation only",
+        ),
+        (
+            ["parallel.sequence_parallel_size=8", "parallel.sequence_parallel_mode=halo", "train.seq_len=1024"],
+            "needs train.seq_len / 8 = 128 tokens per rank to be a multiple of the S²-Attn group size 256",
+        ),
     ],
 )
 def test_config_refuses_bad_parallel_and_memory_combinations(overrides, message):

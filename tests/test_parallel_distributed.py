@@ -1,5 +1,6 @@
-"""Sequence parallelism on gloo: SP = 2 computes the one-rank loss and gradients, and 2 data-parallel × 2
-sequence-parallel ranks under ZeRO-3 (with tiled MLP, tiled loss and activation offload) train like one rank."""
+"""Sequence parallelism on gloo: SP = 2 computes the one-rank loss and gradients, 2 data-parallel × 2
+sequence-parallel ranks under ZeRO-3 (with tiled MLP, tiled loss and activation offload) train like one rank, and
+the halo-exchange mode gives the one-rank gradients under ZeRO-2."""
 
 from __future__ import annotations
 
@@ -91,10 +92,21 @@ def test_two_by_two_data_and_sequence_parallel_zero3_trains_like_one_rank(tmp_pa
 
 
 @pytest.mark.distributed
-def test_zero2_data_and_sequence_parallel_gradients_are_the_one_rank_gradients(tmp_path):
-    """ZeRO-2 reduces sequence-parallel gradients on another path than ZeRO-3 (see gradient_sum_factor)."""
-    out = tmp_path / "zero2.json"
-    launch(4, 29633, DIST / "sp_equivalence.py", str(out), "--engine", "2", "deepspeed.config=ds_configs/stage2.json")
+def test_halo_mode_under_zero2_data_and_sequence_parallel_gives_the_one_rank_gradients(tmp_path):
+    """The halo-exchange mode (S²-Attn's own split) in a ZeRO-2 engine over 2 data × 2 sequence-parallel ranks.
+    ZeRO-2 also reduces sequence-parallel gradients on another path than ZeRO-3 (see gradient_sum_factor)."""
+    out = tmp_path / "halo.json"
+    halo = ["parallel.sequence_parallel_mode=halo", "attention.isolate_documents=false"]
+    launch(
+        4,
+        29633,
+        DIST / "sp_equivalence.py",
+        str(out),
+        "--engine",
+        "2",
+        "deepspeed.config=ds_configs/stage2.json",
+        *halo,
+    )
     result = json.loads(out.read_text())
     assert result["data_parallel_size"] == 2 and result["same_names"]
     assert math.isclose(result["loss"], result["reference_loss"], rel_tol=LOSS_TOLERANCE)

@@ -45,7 +45,7 @@ DEFAULTS = [
 ]
 
 
-def batch(seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
+def batch(seq_len: int, vocab_size: int, isolate_documents: bool = True) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
     labels = input_ids.clone()
@@ -57,6 +57,8 @@ def batch(seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
             torch.cat([torch.arange(32), torch.arange(seq_len - 32)]),
         ]
     )
+    if not isolate_documents:
+        position_ids = torch.arange(seq_len).expand(2, -1)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
@@ -76,7 +78,9 @@ def main() -> None:
     size = args.engine or world_size
     cfg = load_config(RunConfig, None, DEFAULTS + [f"parallel.sequence_parallel_size={size}", *args.overrides])
     sp = parallel.init_sequence_parallel(size)
-    full = batch(cfg.train.seq_len, 96)  # (2, N): one sequence per data-parallel group under --engine
+    full = batch(
+        cfg.train.seq_len, 96, cfg.attention.isolate_documents
+    )  # (2, N): one sequence per data-parallel group under --engine
 
     reference = build_model(cfg)
     reference_loss = token_loss_sum(reference, parallel.shard_batch(full, 1, 0))
@@ -92,6 +96,7 @@ def main() -> None:
         micro_batch_size=micro_batch_size,
         seq_len=cfg.train.seq_len,
         implementation=cfg.attention.implementation,
+        mode=cfg.parallel.sequence_parallel_mode,
     )
     if args.engine:
         loss, grads = engine_loss_and_grads(cfg, model, full, sp, num_tokens, world_size)

@@ -216,7 +216,7 @@ def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) 
         # as in training) and dequantized into plain linears; the checkpoint supplies only what trained.
         trained_in = dataclasses.replace(cfg.model, dtype=_training_dtype(path))
         model = build_model(dataclasses.replace(dense_cfg, model=trained_in), for_training=False).float()
-        model = add_lora(model, cfg) if cfg.lora.enabled else model
+        model = add_lora(model, cfg)  # a 4-bit run always trains LoRA (the config refuses full fine-tuning)
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         state_dict = {name: tensor for name, tensor in state_dict.items() if name in trained}
     else:

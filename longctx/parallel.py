@@ -12,6 +12,10 @@ S²-Attn shifts head h iff h >= H/2 by its GLOBAL index (DESIGN.md). A rank's sl
 shifted, or (when the slice straddles H/2) half and half; `num_unshifted_heads` tells `s2_attention` which, so a run
 with P ranks computes the same function as one rank.
 
+parallel.sequence_parallel_mode=halo is S²-Attn's own, cheaper split (`halo_forward`): no all-to-all; each rank
+keeps its chunk (a multiple of G tokens) and its heads, and receives G/2 tokens of keys/values per layer from the
+previous rank, whatever the sequence length or P (no head-count limit; no document isolation).
+
 The labels are shifted by one BEFORE the split (`shard_batch`), so the last token of each chunk is scored against
 the first token of the next one, and the loss is a token-weighted sum over all chunks, exactly as with P = 1.
 Each rank's loss is scaled by `gradient_sum_factor` so that DeepSpeed's gradient reduction yields the sum.

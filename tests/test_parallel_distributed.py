@@ -111,3 +111,18 @@ def test_halo_mode_under_zero2_data_and_sequence_parallel_gives_the_one_rank_gra
     assert result["data_parallel_size"] == 2 and result["same_names"]
     assert math.isclose(result["loss"], result["reference_loss"], rel_tol=LOSS_TOLERANCE)
     assert result["max_relative_grad_diff"] < GRAD_TOLERANCE, result["worst_parameter"]
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_run_resumes_to_the_same_losses(tmp_path):
+    """Checkpoint at step 2 and resume: steps 3-4 are bit-identical to an uninterrupted SP = 2 run."""
+    run = [
+        "--num-samples", "8", "train.lr=1e-2", "train.save_every=2", "attention.implementation=s2attn",
+        "parallel.sequence_parallel_size=2", "train.global_batch_size=2",
+    ]  # fmt: skip
+    launch(2, 29634, DIST / "train_tiny.py", str(tmp_path / "straight"), *run, "train.max_steps=4")
+    launch(2, 29635, DIST / "train_tiny.py", str(tmp_path / "resumed"), *run, "train.max_steps=2")
+    launch(2, 29636, DIST / "train_tiny.py", str(tmp_path / "resumed"), *run, "train.max_steps=4")
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]

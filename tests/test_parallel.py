@@ -13,7 +13,15 @@ from transformers import LlamaConfig
 from longctx.attention import s2_attention, s2attn_forward, segment_ids_from_position_ids
 from longctx.config import ConfigError, RunConfig, load_config
 from longctx.errors import UserError
-from longctx.parallel import IGNORE_INDEX, check_model, layout, num_unshifted_heads, shard_batch
+from longctx.parallel import (
+    IGNORE_INDEX,
+    SequenceParallel,
+    check_model,
+    gradient_sum_factor,
+    layout,
+    num_unshifted_heads,
+    shard_batch,
+)
 
 
 def packed_positions(seq_len: int, doc_starts: list[int]) -> torch.Tensor:
@@ -151,3 +159,12 @@ def test_config_refuses_bad_parallel_and_memory_combinations(overrides, message)
     with pytest.raises(ConfigError, match=message) as error:
         load_config(RunConfig, None, ["model.init={model_type: llama}", *overrides])
     assert "\n" not in str(error.value)
+
+
+def test_gradient_sum_factor_follows_deepspeeds_averaging():
+    sp = SequenceParallel(size=2, rank=1, data_parallel_size=3, data_parallel_rank=0)
+    assert gradient_sum_factor({"zero_optimization": {"stage": 2}}, sp) == 3  # averages over data-parallel groups
+    assert gradient_sum_factor({"zero_optimization": {"stage": 3}}, sp) == 6  # reduce-scatter: over every rank
+    assert gradient_sum_factor({"zero_optimization": {"stage": 3}}, SequenceParallel(data_parallel_size=4)) == 4
+    with pytest.raises(UserError, match="needs zero_optimization.reduce_scatter=true"):
+        gradient_sum_factor({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, sp)

@@ -2,7 +2,7 @@
 
 1. data: a sentencepiece tokenizer trained on the Python standard library's sources, which are then packed into
    shards twice (256 and 2048 tokens per sequence; the same documents are held out in both);
-2. base: a small LLaMA-architecture model pretrained from random weights at 256 tokens (one process);
+2. base: a small LLaMA-architecture model pretrained from random weights at 256 tokens (2 processes);
 3. extend: the LongLoRA stage through the `deepspeed` launcher on 2 processes: ZeRO-3, S²-Attn, LoRA + embeddings
    + norms, position interpolation 8× to 2048 tokens;
 4. eval: perplexity of base and extended model at 1×, 2×, 4× and 8× the base context with dense attention, on the
@@ -111,7 +111,8 @@ def run_demo(out_dir: str | os.PathLike, *, num_procs: int = 2) -> dict:
                 str(PRESETS / "tiny-cpu-base.yaml"),
                 f"data.train={short_train}",
                 f"train.output_dir={base_run}",
-            ]
+            ],
+            num_procs=num_procs,
         )
     stage("extend")
     if not (ext_run / "final" / "config.json").is_file():

@@ -13,7 +13,7 @@ from longctx.trainer import resolve_deepspeed_config
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "launch" / "presets").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
-PROCESSES = {"tiny-cpu-base": 1, "tiny-cpu": 2}  # the demo's two stages
+PROCESSES = {"tiny-cpu-base": 2, "tiny-cpu": 2}  # the demo's two stages
 LLAMA2_PRESETS = [p for p in PRESETS if p.name.startswith("llama2-") and "qlora" not in p.name]  # qlora: test_qlora
 
 

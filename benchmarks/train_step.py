@@ -51,34 +51,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from longctx.plan import LLAMA2_SHAPES
+
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = REPO / "launch/presets/llama2-7b-32k.yaml"
 
-# Hugging Face config fields of the shapes (LLaMA-2 numbers from Meta's released config.json files).
+# Hugging Face config fields of the shapes (LLaMA-2's from longctx.plan, Meta's released config.json values).
+_LLAMA2 = dict(model_type="llama", max_position_embeddings=4096, tie_word_embeddings=False)
 SHAPES = {
-    "llama2-7b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "llama2-13b": dict(
-        model_type="llama",
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
+    "llama2-7b": dict(_LLAMA2, **LLAMA2_SHAPES["7b"]),
+    "llama2-13b": dict(_LLAMA2, **LLAMA2_SHAPES["13b"]),
     "tiny": dict(
         model_type="llama",
         hidden_size=64,

@@ -101,6 +101,15 @@ def _training_attention(cfg: RunConfig, hf_config) -> str:
     return "s2attn"
 
 
+def unloadable_model(path: str, error: Exception, *, how: str = "", alternative: str = "") -> UserError:
+    """The one-line error for a model directory that transformers could not load (`how`: e.g. " in 4 bits")."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"model.path={path} could not be loaded{how} ({first_line}): check that the directory holds a complete "
+        f"Hugging Face model (config.json + weights){alternative}"
+    )
+
+
 def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     """The model of a run: base weights + RoPE scaling + attention; for training also LoRA and trainable parts.
 
@@ -142,11 +151,7 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
                 trust_remote_code=cfg.model.trust_remote_code,
             )
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"model.path={cfg.model.path} could not be loaded ({first_line}): "
-                "check that the directory holds a complete Hugging Face model (config.json + weights)"
-            ) from None
+            raise unloadable_model(cfg.model.path, e) from None
     if cfg.attention.implementation == "s2attn" and for_training:
         from longctx import attention
 

@@ -107,13 +107,13 @@ def load_quantized(
     if cfg.model.path:
         from safetensors import SafetensorError
 
+        from longctx.model import unloadable_model
+
         try:
             return AutoModelForCausalLM.from_pretrained(cfg.model.path, **load)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"model.path={cfg.model.path} could not be loaded in 4 bits ({first_line}): check that the directory "
-                "holds a complete Hugging Face model (config.json + weights), or set quant.type=none"
+            raise unloadable_model(
+                cfg.model.path, e, how=" in 4 bits", alternative=", or set quant.type=none"
             ) from None
     torch.manual_seed(cfg.train.seed)  # every rank builds the same random weights
     full = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,14 +1,18 @@
 """Packing throughput and memory: `longctx prep pack` vs `datasets.map(batched, num_proc=N)` + group_texts.
 
 Both pipelines start from the same JSONL corpus (the Python standard library's sources, repeated up to
---corpus-mb) and end with fixed-length sequences of --seq-len tokens, using the same sentencepiece tokenizer
-(BOS + tokens + EOS per document in both). The baseline runs twice: with exactly longctx's encoder
-(sentencepiece), and as run_clm.py does, with the HF AutoTokenizer converted from the same model.
+--corpus-mb; or, with --corpus distinct, every distinct .py file on the machine once) and end with fixed-length
+sequences of --seq-len tokens, using the same sentencepiece tokenizer (BOS + tokens + EOS per document in both).
+longctx encodes through its chunk cache, which gives sentencepiece's ids exactly (--verify-exact checks that on
+the whole corpus). The baseline runs twice: with sentencepiece itself, and as run_clm.py does, with the HF
+AutoTokenizer converted from the same model.
 Each runs in its own process tree; wall time covers the whole pipeline (the baseline's JSON → Arrow load
 included, as a user would run it), and peak RSS is the largest sum of RSS over the process tree, sampled
 every 50 ms. CPU seconds (the whole tree's) are reported too: other work on a shared machine skews wall time.
 
     .venv/bin/python benchmarks/prep_throughput.py --corpus-mb 1024
+    .venv/bin/python benchmarks/prep_throughput.py --corpus distinct --baseline autotokenizer --verify-exact \
+        --result benchmarks/results/prep_throughput_distinct.json
 
 Writes benchmarks/results/prep_throughput.json. Not part of `make test`.
 """
@@ -16,6 +20,7 @@ Writes benchmarks/results/prep_throughput.json. Not part of `make test`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -23,6 +28,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -66,33 +72,70 @@ print("BASELINE_TOKENS", num_tokens, "SEQUENCES", len(grouped), "SECONDS", secon
 """
 
 
-def build_corpus(path: Path, target_bytes: int) -> int:
-    """JSONL of stdlib sources repeated until target_bytes; each copy gets a distinct first line."""
-    if path.exists() and path.stat().st_size >= target_bytes:
+def _read_sources(roots: list[Path]) -> list[str]:
+    texts, seen = [], set()
+    for root in roots:
+        for f in sorted([root] if root.suffix == ".py" else root.rglob("*.py")):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if text.strip() and text not in seen:
+                seen.add(text)
+                texts.append(text)
+    return texts
+
+
+def build_corpus(path: Path, target_bytes: int, kind: str) -> int:
+    """JSONL of Python sources up to target_bytes.
+
+    "stdlib": the standard library's sources repeated (each copy gets a distinct first line). "distinct": every
+    distinct .py file of the standard library and of this interpreter's site-packages once, no repetition, for
+    encoders whose speed depends on how often text recurs (the chunk cache of `prep pack`).
+    """
+    if path.exists() and (path.stat().st_size >= target_bytes or kind == "distinct"):
         return path.stat().st_size
     sys.path.insert(0, str(REPO))
     from longctx.demo import stdlib_inputs
 
-    files = sorted(
-        f for root in stdlib_inputs() for f in ([Path(root)] if root.endswith(".py") else Path(root).rglob("*.py"))
-    )
-    texts = []
-    for f in files:
-        try:
-            texts.append(f.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
+    roots = [Path(p) for p in stdlib_inputs()]
+    if kind == "distinct":
+        roots += [Path(p) for p in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
+    texts = _read_sources(roots)
     tmp = path.with_name(path.name + ".partial")
     written, copy = 0, 0
     with open(tmp, "w") as out:
         while written < target_bytes:
             for text in texts:
-                line = json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n"
+                line = json.dumps({"text": f"# copy {copy}\n{text}" if kind == "stdlib" else text}) + "\n"
                 out.write(line)
                 written += len(line)
+                if written >= target_bytes:
+                    break
             copy += 1
+            if kind == "distinct":
+                break
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def verify_exact(corpus: Path, tokenizer: Path) -> dict:
+    """Every document's ids from `prep pack`'s encoder (the chunk cache) against sentencepiece's own, in batches."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    docs = tokens = 0
+    with open(corpus) as f:
+        while batch := [json.loads(line)["text"] for line in itertools.islice(f, 2000)]:
+            flat, _ = tok.encode_flat(batch, np.dtype(np.uint32))
+            expected = np.fromiter(itertools.chain.from_iterable(tok.encode_batch(batch)), dtype=np.uint32)
+            if not np.array_equal(flat, expected):
+                raise SystemExit(f"the chunk cache differs from sentencepiece in documents {docs}..{docs + len(batch)}")
+            docs, tokens = docs + len(batch), tokens + len(expected)
+    return {"documents": docs, "tokens": tokens, "chunk_cache": tok._chunk_cache is not None}
 
 
 def run_measured(argv: list[str], env=None) -> dict:
@@ -136,6 +179,18 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/longctx-prep-bench")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
+        "--corpus",
+        choices=["stdlib", "distinct"],
+        default="stdlib",
+        help="stdlib: the stdlib's sources repeated to --corpus-mb; distinct: every distinct .py file of the stdlib "
+        "and site-packages once (capped at --corpus-mb), no repetition",
+    )
+    parser.add_argument(
+        "--verify-exact",
+        action="store_true",
+        help="also check, document by document, that prep pack's encoder gives sentencepiece's ids on the corpus",
+    )
+    parser.add_argument(
         "--baseline",
         choices=["both", "same-encoder", "autotokenizer"],
         default="both",
@@ -146,8 +201,8 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    corpus = work / f"stdlib-{args.corpus_mb}mb.jsonl"
-    corpus_bytes = build_corpus(corpus, args.corpus_mb << 20)
+    corpus = work / f"{args.corpus}-{args.corpus_mb}mb.jsonl"
+    corpus_bytes = build_corpus(corpus, args.corpus_mb << 20, args.corpus)
     tokenizer = work / "tokenizer.model"
     if not tokenizer.exists():
         sys.path.insert(0, str(REPO))
@@ -189,6 +244,7 @@ def main() -> None:
     ours_tokens = summary["tokens_read"] + summary["splits"]["train"]["special_tokens"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_start": os.getloadavg()},
+        "corpus": args.corpus,
         "corpus_mib": corpus_bytes / 2**20,
         "seq_len": args.seq_len,
         "num_proc": args.num_proc,
@@ -239,6 +295,9 @@ def main() -> None:
             result[f"baseline_{encoder}"] = entry
             print(f"baseline ({encoder}): {entry}")
             print(f"speedup: {entry['speedup']:.2f}x wall, {entry['speedup_per_cpu_second']:.2f}x per CPU second")
+    if args.verify_exact:
+        result["verify_exact"] = verify_exact(corpus, tokenizer)
+        print(f"exact: {result['verify_exact']}")
     result["machine"]["load_average_at_end"] = os.getloadavg()  # other work on the machine skews both sides
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.result + ".partial")

@@ -64,9 +64,7 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _encode(texts: list[str], with_hashes: bool, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(all ids concatenated, in the shard dtype, per-document lengths, per-document content hashes or None)."""
-    ids = _worker_tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    flat, lengths = _worker_tokenizer.encode_flat(texts, np.dtype(dtype))
     hashes = None
     if with_hashes:
         hashes = np.array([_content_hash(t) for t in texts], dtype=np.uint64)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import itertools
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 from longctx.errors import UserError
 
@@ -53,6 +57,13 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
+    def encode_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids concatenated in `dtype`, per-text lengths): what packing needs, token for token encode_batch."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+        return flat, lengths
+
     @abc.abstractmethod
     def decode(self, ids) -> str: ...
 
@@ -74,9 +85,15 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = _or_none(self._sp.bos_id())
         self.eos_id = _or_none(self._sp.eos_id())
         self.pad_id = _or_none(self._sp.pad_id())
+        self._chunk_cache = ChunkCache.for_model(model_file.read_bytes())
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+    def encode_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if self._chunk_cache is None:
+            return super().encode_flat(texts, dtype)
+        return self._chunk_cache.encode_flat(texts, dtype)
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -92,6 +109,84 @@ class SentencePieceTokenizer(Tokenizer):
         pad = self._sp.id_to_piece(self.pad_id) if self.pad_id is not None else None
         hf = LlamaTokenizer.from_pretrained(str(out_dir), pad_token=pad, legacy=False)
         hf.save_pretrained(str(out_dir))
+
+
+class ChunkCache:
+    """Exact sentencepiece BPE encoding through a cache of encoded chunks (what makes `prep pack` fast).
+
+    The text is cut before every run of spaces that follows another character, the dummy-prefix space added in
+    front; each chunk is encoded once (by sentencepiece, without the dummy prefix) and then looked up. This gives
+    exactly sentencepiece's ids whenever no piece can span a cut, which `for_model` checks on the model itself:
+
+    - BPE, identity normalization (no rules), no whitespace removal, whitespace escaped to "▁" as a prefix: the
+      normalized text is the text with spaces turned into "▁" (LLaMA's and the demo tokenizer's settings);
+    - no piece has a "▁" right after another character. A cut lies between a character other than " "/"▁"
+      and "▁", so no piece covers a cut, no BPE merge crosses one, and merges on either side never interact
+      (each side sees its own merges in the same score order). Byte fallback is per character, so local too.
+
+    A model that fails a check returns None and is encoded by sentencepiece directly. Memory is bounded: at most
+    MAX_ENTRIES chunks of at most MAX_CHUNK_CHARS characters are kept; after that, new chunks are still encoded
+    exactly, just not kept.
+    """
+
+    MAX_ENTRIES = 1 << 19
+    MAX_CHUNK_CHARS = 64
+
+    def __init__(self, processor, add_dummy_prefix: bool):
+        self._sp = processor  # the same model with add_dummy_prefix off: chunks carry their own leading space
+        self._prefix = " " if add_dummy_prefix else ""
+        self._chunks = re.compile("[ \u2581]*[^ \u2581]+|[ \u2581]+").findall
+        self._cache: dict[str, bytes] = {}
+        self._dtype: np.dtype | None = None
+
+    @classmethod
+    def for_model(cls, model_bytes: bytes) -> ChunkCache | None:
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        proto = model_pb2.ModelProto()
+        proto.ParseFromString(model_bytes)
+        norm, trainer = proto.normalizer_spec, proto.trainer_spec
+        if not (
+            trainer.model_type == model_pb2.TrainerSpec.BPE
+            and norm.name == "identity"
+            and not norm.precompiled_charsmap
+            and not norm.remove_extra_whitespaces
+            and norm.escape_whitespaces
+            and not trainer.treat_whitespace_as_suffix
+        ):
+            return None
+        kinds = (model_pb2.ModelProto.SentencePiece.NORMAL, model_pb2.ModelProto.SentencePiece.USER_DEFINED,
+                 model_pb2.ModelProto.SentencePiece.UNUSED)  # fmt: skip
+        for piece in proto.pieces:
+            text = piece.piece
+            if piece.type in kinds and any(text[i] == "\u2581" != text[i - 1] for i in range(1, len(text))):
+                return None
+        add_dummy_prefix = norm.add_dummy_prefix
+        norm.add_dummy_prefix = False
+        return cls(spm.SentencePieceProcessor(model_proto=proto.SerializeToString()), add_dummy_prefix)
+
+    def encode_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        dtype = np.dtype(dtype)
+        if dtype != self._dtype:
+            self._cache.clear()
+            self._dtype = dtype
+        cache, prefix = self._cache, self._prefix
+        docs = [self._chunks(prefix + text) if text else [] for text in texts]
+        new = set().union(*docs).difference(cache)
+        lookup = cache.__getitem__
+        if new:
+            new = list(new)
+            fresh = {chunk: np.array(ids, dtype).tobytes() for chunk, ids in zip(new, self._sp.encode(new))}
+            room = self.MAX_ENTRIES - len(cache)
+            keep = {c: b for c, b in fresh.items() if len(c) <= self.MAX_CHUNK_CHARS}
+            if len(keep) <= room:
+                cache.update(keep)
+            if len(keep) < len(fresh) or len(keep) > room:
+                lookup = lambda chunk: cache.get(chunk) or fresh[chunk]  # noqa: E731
+        encoded = [b"".join(map(lookup, chunks)) for chunks in docs]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) // dtype.itemsize
+        return np.frombuffer(b"".join(encoded), dtype=dtype), lengths
 
 
 class HFTokenizer(Tokenizer):

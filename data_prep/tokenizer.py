@@ -174,17 +174,19 @@ class ChunkCache:
         cache, prefix = self._cache, self._prefix
         docs = [self._chunks(prefix + text) if text else [] for text in texts]
         new = set().union(*docs).difference(cache)
-        lookup = cache.__getitem__
+        temporary: list[str] = []  # looked up for this batch only: too long to keep, or the cache is full
         if new:
             new = list(new)
-            fresh = {chunk: np.array(ids, dtype).tobytes() for chunk, ids in zip(new, self._sp.encode(new))}
             room = self.MAX_ENTRIES - len(cache)
-            keep = {c: b for c, b in fresh.items() if len(c) <= self.MAX_CHUNK_CHARS}
-            if len(keep) <= room:
-                cache.update(keep)
-            if len(keep) < len(fresh) or len(keep) > room:
-                lookup = lambda chunk: cache.get(chunk) or fresh[chunk]  # noqa: E731
-        encoded = [b"".join(map(lookup, chunks)) for chunks in docs]
+            cache.update(zip(new, (np.array(ids, dtype).tobytes() for ids in self._sp.encode(new))))
+            for chunk in new:
+                if len(chunk) <= self.MAX_CHUNK_CHARS and room > 0:
+                    room -= 1
+                else:
+                    temporary.append(chunk)
+        encoded = [b"".join(map(cache.__getitem__, chunks)) for chunks in docs]
+        for chunk in temporary:
+            del cache[chunk]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) // dtype.itemsize
         return np.frombuffer(b"".join(encoded), dtype=dtype), lengths
 

@@ -9,6 +9,7 @@ import sentencepiece as spm
 from prep_fixtures import synthetic_docs
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from data_prep.sources import Skipped, iter_corpus
 from data_prep.tokenizer import ChunkCache, load_tokenizer, train_sentencepiece
 from longctx.demo import stdlib_inputs
 
@@ -32,16 +33,15 @@ EDGE_CASES = [
 
 
 def stdlib_documents(max_chars: int) -> list[str]:
+    """The stdlib's sources as prep reads them (the demo corpus), up to max_chars."""
     docs, total = [], 0
-    for root in stdlib_inputs():
-        for path in [Path(root)] if root.endswith(".py") else sorted(Path(root).rglob("*.py")):
-            try:
-                docs.append(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue
-            total += len(docs[-1])
-            if total >= max_chars:
-                return docs
+    for _, item in iter_corpus(stdlib_inputs(), glob="**/*.py", text_field="text", strict=False):
+        if isinstance(item, Skipped):
+            continue
+        docs.append(item)
+        total += len(item)
+        if total >= max_chars:
+            break
     return docs
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from longctx.errors import UserError
 from longctx.model import EVAL_ATTENTION
+from longctx.parallel import all_reduce_
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -180,7 +181,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        all_reduce_(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

@@ -24,6 +24,8 @@ Each rank's loss is scaled by `gradient_sum_factor` so that DeepSpeed's gradient
 from __future__ import annotations
 
 import functools
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,33 @@ IGNORE_INDEX = -100
 
 # attn_implementation names under which the sequence-parallel wrappers are registered with transformers.
 ULYSSES_ATTENTION = {"s2attn": "s2attn_ulysses", "sdpa": "sdpa_ulysses"}
+
+
+RELEASE_TIMEOUT_S = 10.0
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """`dist.all_reduce` in place that returns only once the backend has let go of the buffer it communicated.
+
+    Gloo's worker thread drops its reference to the buffer just AFTER the collective completes (about one time in
+    five it still holds it when `dist.all_reduce` returns). If the process is already shutting down by then, the
+    thread needs the GIL to free the tensor, cannot get it, and the process aborts ("terminate called without an
+    active exception"): a rank whose last act is a collective dies at exit. So the collective runs on a private
+    copy, and a weak reference tells when the worker has freed it (tenths of a millisecond). CUDA tensors (NCCL)
+    are reduced directly: waiting for their release would stall the host on the GPU stream.
+    """
+    if tensor.device.type == "cuda":
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+    buffer = tensor.clone()
+    dist.all_reduce(buffer, op=op, group=group)
+    tensor.copy_(buffer)
+    released = weakref.ref(buffer)
+    del buffer
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while released() is not None and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    return tensor
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class PreemptionFlag:
     def any_rank(self, device) -> bool:
         """Whether any rank got a signal so far (a collective: every rank calls it at the same step)."""
         flag = torch.tensor(0 if self.received is None else 1, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        parallel.all_reduce_(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self) -> None:
@@ -462,7 +462,7 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
         ]
         label_tokens = torch.stack([(b["target_ids"] != IGNORE_INDEX).sum() for b in step_batches]).sum()
         label_tokens = label_tokens.to(torch.float64)
-        dist.all_reduce(label_tokens)  # host-device sync: the global token count (all chunks) weights every micro batch
+        parallel.all_reduce_(label_tokens)  # host-device sync: the global token count weights every micro batch
         label_tokens.clamp_(min=1)  # a batch of padding only contributes zero loss, not NaN
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         lr = scheduler.get_last_lr()[0]
@@ -472,7 +472,7 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
             engine.backward(micro_loss_sum * grad_factor / label_tokens, scale_wrt_gas=False)
             engine.step()
             loss_sum += micro_loss_sum.detach()
-        dist.all_reduce(loss_sum)
+        parallel.all_reduce_(loss_sum)
         step += 1
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - start

@@ -454,6 +454,7 @@ def _save_state(out: Path, next_window: int, stats, packers, seen_hashes) -> Non
             "carry": packer.carry.tolist(),
             "carry_starts": packer.carry_starts.tolist(),
         }
+    # includes a `.partial` left by a run killed before its rename, which the write below may replace and rename
     old_dedup = list(out.glob(".prep_dedup-*"))
     if seen_hashes is not None:
         # a new file per window: the state must never point at hashes of a window it does not include
@@ -465,7 +466,7 @@ def _save_state(out: Path, next_window: int, stats, packers, seen_hashes) -> Non
     write_json_atomic(out / STATE_FILE, state, indent=None)  # compact: it holds token lists
     for path in old_dedup:
         if path.name != state.get("dedup_file"):
-            path.unlink()
+            path.unlink(missing_ok=True)
 
 
 def _summary(stats: dict[str, Any], config: PrepConfig) -> dict[str, Any]:

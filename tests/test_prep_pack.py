@@ -165,6 +165,37 @@ def test_kill_minus_9_then_rerun_is_byte_identical(corpus, tmp_path):
     assert whole_manifest == killed_manifest
 
 
+class Killed(Exception):
+    pass
+
+
+def test_rerun_after_a_kill_between_dedup_write_and_rename(corpus, tmp_path, monkeypatch):
+    """A run killed with the next window's `.prep_dedup-*.npy.partial` on disk resumes to the uninterrupted output."""
+    corpus_dir, _, tok_path = corpus
+    options = dict(window_docs=8, sequences_per_shard=4, dedup=True)
+    pack(_config(corpus_dir, tok_path, tmp_path / "whole", **options), progress=False)
+    renames, replace = [], os.replace
+
+    def replace_then_die_before_the_second_dedup_rename(src, dst):
+        if Path(src).name.startswith(".prep_dedup-"):
+            renames.append(src)
+            if len(renames) == 2:
+                raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr("data_prep.pack.os.replace", replace_then_die_before_the_second_dedup_rename)
+    with pytest.raises(Killed):
+        pack(_config(corpus_dir, tok_path, tmp_path / "killed", **options), progress=False)
+    monkeypatch.undo()
+    assert Path(renames[-1]).exists() and (tmp_path / "killed" / ".prep_state.json").exists()
+    pack(_config(corpus_dir, tok_path, tmp_path / "killed", **options), progress=False)
+    whole, killed = _files(tmp_path / "whole"), _files(tmp_path / "killed")
+    assert killed.keys() == whole.keys()
+    for name, data in whole.items():
+        if name not in ("prep.json", "prep_config.yaml") and not name.endswith("manifest.json"):
+            assert killed[name] == data, name
+
+
 def test_cli_summary_rerun_and_saved_config_reproduce_the_run(corpus, tmp_path, capsys):
     from longctx.cli import main
 

@@ -20,6 +20,12 @@ turns every key into one contiguous *run* of tokens. Then:
 Tokens move between (B, N, H, D) and the window buffer by one index_copy / index_select each way, so autograd adds
 no full-size zero fills per slice.
 
+The layout (segment ids, keys, sort, runs, windows) depends only on the position ids, the padding mask, G, the head
+split, the backend and (B, N), and building it takes several host-device syncs. So it is built once per forward pass
+and cached under the position-ids tensor that transformers hands to every layer (`layout_key`; activation
+checkpointing's recompute gets the same tensor): the other layers and the recompute only look it up. An entry lives
+as long as that tensor and is dropped when the tensor is changed in place.
+
 `register()` makes the function available as `attn_implementation="s2attn"`; `configure()` stores the group size on
 the model config (`config.s2attn`). The attribute is kept: `save_pretrained` writes it into config.json as a plain
 dict that plain transformers ignores, so such a model loads anywhere (`longctx export` rebuilds the model with dense
@@ -29,8 +35,11 @@ computes dense causal attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import functools
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +70,7 @@ def s2_attention(
     dropout: float = 0.0,
     backend: Backend = "auto",
     num_unshifted_heads: int | None = None,
+    layout_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shifted sparse attention exactly as DESIGN.md defines it; returns (B, H, N, D) in q's dtype.
 
@@ -69,6 +79,8 @@ def s2_attention(
     attend only within their own segment (see `segment_ids_from_position_ids` for packed documents).
     num_unshifted_heads: for a slice of a model's heads (sequence parallelism hands each rank a contiguous slice):
     how many of these heads lie below the model's H/2, i.e. are unshifted: H/2 (default, all heads here), H or 0.
+    layout_key: a tensor that stands for position_ids: while it is alive and unchanged, calls with the same G, head
+    split, backend, shape and segment_ids tensor reuse one layout instead of building it (one per forward pass).
     """
     batch, num_heads, seq_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -89,23 +101,19 @@ def s2_attention(
         )
     scale = head_dim**-0.5 if scale is None else scale
     backend = resolve_backend(backend, q)
-    if position_ids is not None:
-        position_ids = position_ids.expand(batch, seq_len)
-    plain = segment_ids is None and (position_ids is None or _is_arange(position_ids))
-    if position_ids is None or plain:
-        position_ids = torch.arange(seq_len, device=q.device).expand(batch, seq_len)
-
     # Group offset of the first and second half of the heads here: 0 for unshifted heads, G/2 for shifted ones.
-    offsets = [0 if num_unshifted_heads > half_index * (num_heads // 2) else group_size // 2 for half_index in (0, 1)]
-    offsets = torch.tensor(offsets, device=q.device)
-    groups = torch.div(position_ids[:, None, :] + offsets[None, :, None], group_size, rounding_mode="floor")
-    if plain:  # groups already increase along each row: every key is one run
-        layout = _run_layout(groups, None, pack=backend == "sdpa")
-    else:
-        keys = _keys_with_segments(groups, segment_ids)
-        # A stable sort keeps index order among equal keys, so "j <= i" survives the reordering.
-        sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-        layout = _run_layout(sorted_keys, order, pack=backend == "sdpa")
+    offsets = tuple(
+        0 if num_unshifted_heads > half_index * (num_heads // 2) else group_size // 2 for half_index in (0, 1)
+    )
+    # Whether positions were given is part of the key: dense attention passes none under the key that the
+    # S²-Attn path of the same forward passes them under.
+    parts = ("s2", group_size, offsets, backend, batch, seq_len, q.device, position_ids is None)
+    layout = _cached(
+        layout_key,
+        parts,
+        (segment_ids,),
+        lambda: _build_layout(position_ids, segment_ids, group_size, offsets, (batch, seq_len), q.device, backend),
+    )
 
     half = num_heads // 2
     # (B, H, N, D) -> rows of (H/2, D), one per (sample, token, head half): the order index_copy/select work in.
@@ -126,15 +134,18 @@ def dense_attention(
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
     dropout: float = 0.0,
+    layout_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense causal attention with the same segment rule as `s2_attention`; shapes as there."""
+    """Dense causal attention with the same segment rule as `s2_attention`; shapes and layout_key as there."""
     if segment_ids is None:
         return _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
     seq_len = q.shape[2]
     if q.shape[1] % 2 == 0:
         # With G > 2N every position lies in group 0 for both head halves, so S²-Attn's runs are exactly the
         # segments: causal attention within each document without an N×N mask.
-        return s2_attention(q, k, v, 2 * seq_len + 2, segment_ids=segment_ids, scale=scale, dropout=dropout)
+        return s2_attention(
+            q, k, v, 2 * seq_len + 2, segment_ids=segment_ids, scale=scale, dropout=dropout, layout_key=layout_key
+        )
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, N, N)
     return _sdpa(q, k, v, scale=scale, dropout=dropout, mask=(same_segment & causal)[:, None])
@@ -149,6 +160,27 @@ def segment_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.zeros_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = (position_ids[:, 1:] == 0) | (position_ids[:, 1:] - position_ids[:, :-1] != 1)
     return starts.long().cumsum(dim=-1)
+
+
+def document_segment_ids(
+    position_ids: torch.Tensor, padding_mask: torch.Tensor | None = None, *, layout_key: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The segment ids that keep packed documents and padding apart, or None when nothing needs isolating.
+
+    position_ids (B, N), restarting at each document start; padding_mask (B, N) bool, False at padding, which
+    becomes a segment of its own that no token sees. None: one document per row and no padding. Derived once per
+    forward pass under layout_key (see `s2_attention`).
+    """
+
+    def derive() -> torch.Tensor | None:
+        segment_ids = segment_ids_from_position_ids(position_ids)
+        if padding_mask is not None:
+            return torch.where(padding_mask, segment_ids, -1)
+        if not bool(segment_ids[:, -1].any()):  # host sync: one document per row needs no isolation
+            return None
+        return segment_ids
+
+    return _cached(layout_key, ("segments", *position_ids.shape, position_ids.device), (padding_mask,), derive)
 
 
 def resolve_backend(backend: Backend, q: torch.Tensor) -> Literal["sdpa", "flash"]:
@@ -171,6 +203,33 @@ def resolve_backend(backend: Backend, q: torch.Tensor) -> Literal["sdpa", "flash
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _build_layout(
+    position_ids: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    group_size: int,
+    offsets: tuple[int, int],
+    shape: tuple[int, int],
+    device: torch.device,
+    backend: Literal["sdpa", "flash"],
+) -> _RunLayout:
+    """The run layout of (B, N) = shape tokens for both head halves, their group offsets given: all of S²-Attn's host
+    syncs happen here, once per forward pass."""
+    batch, seq_len = shape
+    if position_ids is not None:
+        position_ids = position_ids.expand(batch, seq_len)
+    plain = segment_ids is None and (position_ids is None or _is_arange(position_ids))
+    if position_ids is None or plain:
+        position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    # (B, 2, N): one row of groups per head half; Python offsets, not a tensor, to copy nothing to the device
+    groups = torch.stack([torch.div(position_ids + offset, group_size, rounding_mode="floor") for offset in offsets], 1)
+    if plain:  # groups already increase along each row: every key is one run
+        return _run_layout(groups, None, pack=backend == "sdpa")
+    keys = _keys_with_segments(groups, segment_ids)
+    # A stable sort keeps index order among equal keys, so "j <= i" survives the reordering.
+    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+    return _run_layout(sorted_keys, order, pack=backend == "sdpa")
+
+
 def _is_arange(position_ids: torch.Tensor) -> bool:
     expected = torch.arange(position_ids.shape[-1], device=position_ids.device)
     return bool((position_ids == expected).all())  # host sync: picks the code path
@@ -181,7 +240,8 @@ def _keys_with_segments(groups: torch.Tensor, segment_ids: torch.Tensor | None) 
     if segment_ids is None:
         return groups
     # key = segment rank * (group span) + group: one integer per (segment, group) pair, without a row-wise unique.
-    _, segment_rank = torch.unique(segment_ids, return_inverse=True)  # any labels (padding is -1) -> 0, 1, ...
+    # host sync: unique sizes its output; any labels (padding is -1) -> 0, 1, ...
+    _, segment_rank = torch.unique(segment_ids, return_inverse=True)
     groups = groups - groups.amin()
     return segment_rank[:, None, :] * (groups.amax() + 1) + groups
 
@@ -217,7 +277,7 @@ class _RunLayout:
     num_slots: int
     padding_slots: torch.Tensor | None  # slots no row maps to (zeroed), None when there are none
     windows: list[_Windows]  # SDPA: the buffer cut into windows, in buffer order; flash: unused
-    run_lengths: torch.Tensor  # (num_runs,) in buffer order (flash: the varlen sequences)
+    cu_seqlens: torch.Tensor | None  # flash: (num_runs + 1,) int32 run boundaries in the buffer; SDPA: None
     longest_run: int
 
 
@@ -231,9 +291,9 @@ def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Te
     """
     step = max(16, -(-longest_run // _WINDOW_SIZE_CLASSES))
     sizes = -(-run_lengths // step) * step
-    class_sizes, class_of_run = torch.unique(sizes, return_inverse=True)
+    class_sizes, class_of_run = torch.unique(sizes, return_inverse=True)  # host sync: unique sizes its output
     class_sizes, class_of_run = class_sizes.flip(0), len(class_sizes) - 1 - class_of_run  # largest first
-    counts = torch.bincount(class_of_run, minlength=len(class_sizes))
+    counts = torch.bincount(class_of_run, minlength=len(class_sizes))  # host sync: bincount sizes its output
     class_first_slot = F.pad((counts * class_sizes).cumsum(0), (1, 0))[:-1]
     class_first_run = F.pad(counts.cumsum(0), (1, 0))[:-1]
     by_class = torch.argsort(class_of_run, stable=True)
@@ -242,7 +302,8 @@ def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Te
         torch.arange(len(by_class), device=by_class.device) - class_first_run[class_of_run[by_class]]
     )
     run_slot_start = class_first_slot[class_of_run] + rank_in_class * sizes
-    windows = [_Windows(count, size) for count, size in zip(counts.tolist(), class_sizes.tolist())]  # host sync
+    # host sync: the window shapes are the SDPA calls' shapes
+    windows = [_Windows(count, size) for count, size in zip(counts.tolist(), class_sizes.tolist())]
     return run_slot_start, windows
 
 
@@ -259,15 +320,16 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
     starts[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
     starts = starts.view(-1)  # runs never cross a (sample, half) row: each row starts one
     run_id = starts.long().cumsum(0) - 1  # (B * 2 * N,) in sorted order
-    run_first = starts.nonzero().squeeze(1)
+    run_first = starts.nonzero().squeeze(1)  # host sync: the number of runs
     run_lengths = torch.diff(run_first, append=torch.tensor([num_rows], device=device))
 
     longest_run = int(run_lengths.max())  # host sync: sizes the windows
     if pack:
         run_slot_start, windows = _window_slots(run_lengths, longest_run)
-        num_slots = sum(w.count * w.size for w in windows)
+        num_slots, cu_seqlens = sum(w.count * w.size for w in windows), None
     else:
         run_slot_start, num_slots, windows = run_first, num_rows, []
+        cu_seqlens = F.pad(run_lengths.cumsum(0), (1, 0)).to(torch.int32)
     sorted_slot = run_slot_start[run_id] + torch.arange(num_rows, device=device) - run_first[run_id]
 
     token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
@@ -280,8 +342,8 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
     if num_slots > num_rows:
         is_padding = torch.ones(num_slots, dtype=torch.bool, device=device)
         is_padding[sorted_slot] = False
-        padding_slots = is_padding.nonzero().squeeze(1)
-    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, run_lengths, longest_run)
+        padding_slots = is_padding.nonzero().squeeze(1)  # host sync: the number of padding slots
+    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, cu_seqlens, longest_run)
 
 
 def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
@@ -353,6 +415,7 @@ def _sdpa_over_windows(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float,
     return _from_buffer(torch.cat(outputs) if len(outputs) > 1 else outputs[0], layout)
 
 
+@functools.cache  # a missing flash-attn stays missing: no import retried in every layer
 def _flash_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -363,7 +426,7 @@ def _flash_varlen():
 
 def _flash_over_runs(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, dropout: float) -> torch.Tensor:
     """flash-attn varlen with each run one causal sequence. GPU only."""
-    cu_seqlens = F.pad(layout.run_lengths.cumsum(0), (1, 0)).to(torch.int32)
+    cu_seqlens = layout.cu_seqlens
     out = _flash_varlen()(
         _to_buffer(q_rows, layout),
         _to_buffer(k_rows, layout),
@@ -377,6 +440,70 @@ def _flash_over_runs(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, d
         causal=True,
     )
     return _from_buffer(out, layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One layout per forward pass
+# ----------------------------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+# Tests turn this off to compare with the computation that builds everything in every layer.
+_cache_layouts = True
+
+
+@dataclass
+class _KeyEntry:
+    """What was built under one live key tensor, at the key's version counter `version`."""
+
+    key: weakref.ref
+    version: int
+    # parts -> (stamps of the companions it was built with, what was built)
+    built: dict[tuple, tuple[tuple, object]] = field(default_factory=dict)
+
+
+# id(key) -> entry. The id alone could name a dead tensor's successor: an entry is dropped when its key dies
+# (weakref.finalize), and a lookup also checks that the weak reference still yields this very tensor.
+_ENTRIES: dict[int, _KeyEntry] = {}
+
+
+def _cached(key: torch.Tensor | None, parts: tuple, companions: tuple, build: Callable[[], _T]) -> _T:
+    """build(), or what it returned before under the same live, unchanged `key` tensor, `parts` and `companions`.
+
+    parts: the plain values the result depends on. companions: the other tensors it depends on, matched by identity
+    and version (a new padding mask with the same position ids is another layout). No key: build every time. Inference
+    tensors have no version counter, so under inference mode nothing is cached.
+    """
+    if key is None or not _cache_layouts or torch.is_inference_mode_enabled() or key.is_inference():
+        return build()
+    if any(c is not None and c.is_inference() for c in companions):
+        return build()
+    entry = _ENTRIES.get(id(key))
+    if entry is None or entry.key() is not key:
+        entry = _KeyEntry(weakref.ref(key), key._version)
+        _ENTRIES[id(key)] = entry
+        weakref.finalize(key, _forget, id(key), entry)
+    elif entry.version != key._version:  # changed in place: nothing built from it holds
+        entry.version, entry.built = key._version, {}
+    stamps = tuple(None if c is None else (weakref.ref(c), c._version) for c in companions)
+    hit = entry.built.get(parts)
+    if hit is not None and _same_companions(hit[0], companions):
+        return hit[1]
+    value = build()
+    entry.built[parts] = (stamps, value)  # one value per parts: a new companion replaces the old one's
+    return value
+
+
+def _same_companions(stamps: tuple, companions: tuple) -> bool:
+    return all(
+        (stamp is None) if c is None else (stamp is not None and stamp[0]() is c and stamp[1] == c._version)
+        for stamp, c in zip(stamps, companions, strict=True)
+    )
+
+
+def _forget(key_id: int, entry: _KeyEntry) -> None:
+    if _ENTRIES.get(key_id) is entry:
+        del _ENTRIES[key_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,6 +585,7 @@ def s2attn_forward(
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     num_unshifted_heads: int | None = None,
+    layout_key: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The AttentionInterface function: S²-Attn while training, dense causal attention in eval and cached decoding.
@@ -465,7 +593,8 @@ def s2attn_forward(
     query (B, H, Nq, D), key/value (B, Hkv, Nk, D); returns (B, Nq, H, D). Packed documents (position ids restarting
     at 0) are isolated from each other, and padding (a 2D mask from `s2attn_mask`) is never attended to.
     num_unshifted_heads: see `s2_attention`; a sequence-parallel wrapper that hands this function a slice of the
-    heads passes it.
+    heads passes it. layout_key: the tensor the layout is cached under (default: position_ids); a wrapper that
+    hands each layer new position ids (gathered ones) passes one tensor that stands for them for the whole forward.
     """
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -484,17 +613,17 @@ def s2attn_forward(
         out = _dense_decoding(query, key, value, attention_mask, scaling, dropout)
         return out.transpose(1, 2), None
 
+    # transformers hands every layer of a forward pass the same position-ids tensor: the layout is built under it once
+    layout_key = position_ids if layout_key is None else layout_key
     if position_ids is None:
         position_ids = torch.arange(q_len, device=query.device)[None]
     position_ids = position_ids.expand(batch, q_len)
-    segment_ids = segment_ids_from_position_ids(position_ids)
-    if attention_mask is not None:
-        segment_ids = torch.where(attention_mask, segment_ids, -1)  # padding: its own segment, seen by no token
-    elif not bool(segment_ids[:, -1].any()):  # host sync: one document per row, no isolation needed
-        segment_ids = None
+    segment_ids = document_segment_ids(position_ids, attention_mask, layout_key=layout_key)
 
     if not module.training:
-        out = dense_attention(query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout)
+        out = dense_attention(
+            query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout, layout_key=layout_key
+        )
     else:
         settings = getattr(module.config, _CONFIG_ATTRIBUTE, None) or {}
         out = s2_attention(
@@ -508,6 +637,7 @@ def s2attn_forward(
             dropout=dropout,
             backend=settings.get("backend", "auto"),
             num_unshifted_heads=num_unshifted_heads,
+            layout_key=layout_key,
         )
     return out.transpose(1, 2), None
 
@@ -523,6 +653,7 @@ def _dense_decoding(query, key, value, padding_mask, scale, dropout):
 __all__ = [
     "configure",
     "dense_attention",
+    "document_segment_ids",
     "group_size_for",
     "register",
     "resolve_backend",

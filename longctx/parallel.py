@@ -225,7 +225,11 @@ def register_ulysses_attention(hf_config, sp: SequenceParallel, *, micro_batch_s
             raise UserError(
                 "sequence parallelism takes no attention mask: mark padding with labels=-100 at the end of a sequence"
             )
-        return ulysses(module, query, key, value, None, **kwargs)
+        # DeepSpeed gathers the position ids into a new tensor in every layer, but the local ones that the model
+        # hands every layer (and the checkpoint recompute) are one tensor per forward: the core builds its layout
+        # once under them. The other ranks' positions in the gathered ones change only with a new batch, which
+        # comes as new tensors on every rank.
+        return ulysses(module, query, key, value, None, layout_key=kwargs.get("position_ids"), **kwargs)
 
     name = ULYSSES_ATTENTION[core]
     AttentionInterface.register(name, ulysses_forward)
@@ -280,8 +284,11 @@ def halo_forward(module, query, key, value, attention_mask, scaling=None, dropou
     first_shifted_kv = (num_heads // 2) // (num_heads // num_kv_heads)
     tail = torch.stack([key[:, first_shifted_kv:, -half_group:], value[:, first_shifted_kv:, -half_group:]])
     halo = _HaloExchange.apply(tail.contiguous(), sp)  # (2, B, shifted kv heads, G/2, D) from rank - 1
+    # The layout depends only on n, G and the rank (no document isolation here): built once per forward pass under
+    # the local position ids that the model hands every layer, not under `positions`, a new tensor in each layer.
+    layout_key = kwargs.get("position_ids")
     if sp.rank == 0:
-        out = s2_attention(query, key, value, group_size, scale=scaling, dropout=dropout)
+        out = s2_attention(query, key, value, group_size, scale=scaling, dropout=dropout, layout_key=layout_key)
         # Rank 0 reads no halo, but its exchange's backward must run: it receives the gradient of rank 0's tail
         # from rank 1. A zero-weight dependency on the (zero) halo makes autograd run it.
         return (out + 0 * halo.sum()).transpose(1, 2), None
@@ -293,7 +300,9 @@ def halo_forward(module, query, key, value, attention_mask, scaling=None, dropou
     value = torch.cat([torch.cat([kv_pad, halo[1]], 1), value], 2)
     query = torch.cat([pad, query], 2)  # (B, H, G/2 + n, D)
     positions = torch.arange(start - half_group, start + local_len, device=query.device)[None]
-    out = s2_attention(query, key, value, group_size, position_ids=positions, scale=scaling, dropout=dropout)
+    out = s2_attention(
+        query, key, value, group_size, position_ids=positions, scale=scaling, dropout=dropout, layout_key=layout_key
+    )
     return out[:, :, half_group:].transpose(1, 2), None
 
 
@@ -325,16 +334,21 @@ def _shift(tensor: torch.Tensor, sp: SequenceParallel, step: int) -> torch.Tenso
     return received
 
 
-def dense_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
-    """Dense causal attention over the gathered sequence; packed documents (restarting positions) kept apart."""
-    from longctx.attention import dense_attention, segment_ids_from_position_ids
+def dense_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, layout_key=None, **kwargs
+):
+    """Dense causal attention over the gathered sequence; packed documents (restarting positions) kept apart.
+
+    layout_key: see `ulysses_forward`; the documents' segments and layout are derived once per forward under it.
+    """
+    from longctx.attention import dense_attention, document_segment_ids
 
     segment_ids = None
     if position_ids is not None:
-        segment_ids = segment_ids_from_position_ids(position_ids.expand(query.shape[0], -1))
-        if not bool(segment_ids[:, -1].any()):  # host sync: one document per row needs no isolation
-            segment_ids = None
-    out = dense_attention(query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout)
+        segment_ids = document_segment_ids(position_ids.expand(query.shape[0], -1), layout_key=layout_key)
+    out = dense_attention(
+        query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout, layout_key=layout_key
+    )
     return out.transpose(1, 2), None  # (B, H, N, D) -> (B, N, H, D)
 
 

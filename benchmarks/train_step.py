@@ -209,7 +209,8 @@ def measure(config: Configuration) -> dict:
     import deepspeed
     import torch
 
-    from longctx.trainer import init_distributed, resolve_deepspeed_config, token_loss_sum
+    from longctx.ds_config import resolve_deepspeed_config
+    from longctx.trainer import init_distributed, token_loss_sum
 
     cfg = run_config(config)
     init_distributed()

@@ -122,7 +122,8 @@ class ModelConfig:
     init: dict[str, Any] = field(default_factory=dict)
     """Hugging Face config fields of a model built with random weights, e.g. {model_type: llama, hidden_size: 256}."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Parameter / compute dtype. auto: bfloat16 on GPU, float32 on CPU."""
+    """Parameter / compute dtype. auto: bfloat16 on a GPU that has it, float16 on one that does not (V100: DeepSpeed's
+    fp16 with dynamic loss scaling), float32 on CPU."""
     trust_remote_code: bool = False
     """Allow a model directory to run its own Python code (off unless you trust the directory)."""
     activation_checkpointing: bool = True
@@ -281,7 +282,8 @@ class DeepSpeedConfig:
     """The DeepSpeed engine. Values the run owns ("auto" in the JSON) are filled from this config tree."""
 
     config: str = "ds_configs/stage3.json"
-    """DeepSpeed JSON (ds_configs/stage2.json, stage3.json, stage3_offload.json, or your own)."""
+    """DeepSpeed JSON (ds_configs/stage2.json, stage3.json, stage3_offload.json, or your own). A relative path missing
+    from the working directory is looked up in the longctx checkout (the shipped ds_configs/)."""
 
 
 @dataclass
@@ -399,6 +401,16 @@ class RunConfig:
                 "is false: set model.activation_checkpointing=true"
             )
 
+    def validate_files(self, errors: list[str]) -> None:
+        """Check the DeepSpeed JSON that deepspeed.config names against this config (longctx.ds_config.validate).
+
+        `load_config` runs this for a run being configured; `from_dict` does not, because a checkpoint's saved config
+        must load (for export, eval, resume) where its JSON is gone: the checkpoint keeps the resolved JSON itself.
+        """
+        from longctx import ds_config
+
+        ds_config.validate(self, errors)
+
     @property
     def group_size(self) -> int:
         """The S²-Attn group size in tokens for train.seq_len (even, at least 2)."""
@@ -416,7 +428,8 @@ C = TypeVar("C")
 
 
 def load_config(cls: type[C], preset: str | os.PathLike | None = None, overrides: list[str] | None = None) -> C:
-    """Defaults, then the YAML preset, then `section.key=value` overrides; validated; errors reported together."""
+    """Defaults, then the YAML preset, then `section.key=value` overrides; validated, the files the config names
+    included (a root's `validate_files`, e.g. the DeepSpeed JSON); errors reported together."""
     errors: list[str] = []
     tree: dict[str, Any] = {}
     if preset is not None:
@@ -430,6 +443,8 @@ def load_config(cls: type[C], preset: str | os.PathLike | None = None, overrides
     config = _build(cls, tree, "", errors)
     if not errors:
         validate(config, errors)
+        if hasattr(config, "validate_files"):
+            config.validate_files(errors)
     if errors:
         raise ConfigError("; ".join(errors))
     return config

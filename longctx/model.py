@@ -23,9 +23,20 @@ EVAL_ATTENTION = "sdpa"
 
 
 def resolve_dtype(cfg: RunConfig) -> torch.dtype:
-    """model.dtype, with auto meaning bfloat16 on GPU and float32 on CPU."""
+    """model.dtype on this machine. auto: bfloat16 on a CUDA GPU with bf16 arithmetic (compute capability 8.0+,
+    or ROCm), float16 on one without (V100, T4; DeepSpeed's fp16 with dynamic loss scaling, see longctx.ds_config),
+    float32 on CPU. An explicit bfloat16 on a GPU without it is refused here, before the model loads."""
+    if not torch.cuda.is_available():
+        return torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    # Without including_emulation=False, torch reports bf16 on a V100 too: it emulates it there, many times slower.
+    has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if has_bf16 else torch.float16
+    if cfg.model.dtype == "bfloat16" and not has_bf16:
+        raise UserError(
+            f"model.dtype=bfloat16 but this GPU ({torch.cuda.get_device_name()}) has no bfloat16 arithmetic: "
+            "set model.dtype=float16 (fp16 with loss scaling) or model.dtype=auto"
+        )
     return getattr(torch, cfg.model.dtype)
 
 

@@ -142,16 +142,17 @@ def gradient_sum_factor(ds_config: dict, sp: SequenceParallel) -> int:
     DeepSpeed 0.19 sums gradients within a sequence group and averages them over the data-parallel groups (so the
     factor is the data-parallel size), except on ZeRO-3's reduce-scatter path (zero_optimization.reduce_scatter,
     on by default), which averages over every rank of the sequence-data-parallel group: there it is the world size.
-    tests/test_parallel_distributed.py checks both against one-process gradients.
+    tests/test_parallel_distributed.py checks both against one-process gradients. ZeRO-3's other path has no factor
+    here: config validation refuses it (longctx.ds_config.sequence_parallel_problem), and so does this function.
     """
+    from longctx.ds_config import sequence_parallel_problem
+
     zero = ds_config.get("zero_optimization", {})
     if sp.size == 1 or zero.get("stage", 0) != 3:
         return sp.data_parallel_size
-    if not zero.get("reduce_scatter", True):
-        raise UserError(
-            "ZeRO-3 with parallel.sequence_parallel_size > 1 needs zero_optimization.reduce_scatter=true in "
-            "deepspeed.config (DeepSpeed's other path scales gradients differently): remove reduce_scatter=false"
-        )
+    problem = sequence_parallel_problem(ds_config, sp.size)
+    if problem:
+        raise UserError(problem)
     return sp.size * sp.data_parallel_size
 
 

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longctx import ds_config
 from longctx.config import RunConfig, load_config
 from longctx.errors import UserError
 
@@ -223,25 +224,13 @@ def zero_settings(ds: dict[str, Any]) -> ZeroSettings:
     )
 
 
-def _read_ds_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"deepspeed.config={path} does not exist: use ds_configs/stage2.json, stage3.json or your own")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"deepspeed.config={path} is not valid JSON (line {e.lineno}): fix its syntax") from None
-
-
 def zero_settings_by_strategy(cfg: RunConfig) -> tuple[dict[str, ZeroSettings], str]:
     """ZeRO settings for "2", "3", "3+offload": the preset's own JSON for its stage, the shipped ones for the rest."""
-    preset_path = Path(cfg.deepspeed.config)
-    if not preset_path.is_file() and (REPO / preset_path).is_file():
-        preset_path = REPO / preset_path
-    preset = zero_settings(_read_ds_config(preset_path))
+    preset = zero_settings(ds_config.read(cfg.deepspeed.config))
     if preset.stage not in (2, 3):
         raise UserError(f"deepspeed.config={cfg.deepspeed.config} has ZeRO stage {preset.stage}: plan covers 2 and 3")
     settings = {
-        key: zero_settings(_read_ds_config(REPO / "ds_configs" / name)) for key, name in SHIPPED_DS_CONFIGS.items()
+        key: zero_settings(ds_config.read(ds_config.SHIPPED_DIR / name)) for key, name in SHIPPED_DS_CONFIGS.items()
     }
     settings[preset.key] = preset
     return settings, preset.key

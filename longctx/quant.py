@@ -17,26 +17,18 @@ with the training-time function (no second rounding to 4 bits, no bitsandbytes n
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from longctx import ds_config
 from longctx.config import RunConfig
 from longctx.errors import UserError
 
 # The linear layers of a LLaMA block: LongQLoRA puts LoRA on all of them (the base holds them in 4 bits).
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def zero_stage(cfg: RunConfig) -> int | None:
-    """The ZeRO stage of deepspeed.config, or None when the JSON is not at hand (export/eval in another directory)."""
-    try:
-        return int(json.loads(Path(cfg.deepspeed.config).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError):
-        return None
 
 
 def storage_dtype(cfg: RunConfig, model_dtype: torch.dtype, stage: int | None) -> torch.dtype:
@@ -92,7 +84,9 @@ def load_quantized(
     import safetensors.torch
     from transformers import AutoModelForCausalLM
 
-    stage = zero_stage(cfg)
+    # Only training needs the stage (it picks the container of the packed codes, see storage_dtype). Export and eval
+    # dequantize at once, to the same weights in any container, and may run where deepspeed.config does not resolve.
+    stage = ds_config.zero_stage(cfg) if for_training else None
     check_combination(cfg, dtype, stage)
     quantization_config = bnb_config(cfg, dtype, stage)
     load = dict(

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from longctx import checkpoint, parallel, tiling
 from longctx.config import MemoryConfig, RunConfig, save_config
+from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
-from longctx.model import build_model, count_parameters, resolve_dtype
+from longctx.model import build_model, count_parameters
 
 IGNORE_INDEX = -100
 
@@ -82,84 +83,6 @@ OOM_MESSAGE = (
     "(with more gradient accumulation), model.activation_checkpointing=true, and "
     "parallel.sequence_parallel_size > 1 (sequence parallelism)"
 )
-
-# ----------------------------------------------------------------------------------------------------------------
-# DeepSpeed JSON: "auto" values are filled from the run config; hard-coded values must agree with it.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The final DeepSpeed config dict of this run on world_size ranks; contradictions are one-line UserErrors."""
-    path = Path(cfg.deepspeed.config)
-    if not path.is_file():
-        raise UserError(f"deepspeed.config={path} does not exist: use ds_configs/stage2.json, stage3.json or your own")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"deepspeed.config={path} is not valid JSON (line {e.lineno}): fix its syntax") from None
-    train = cfg.train
-    sequence_parallel = cfg.parallel.sequence_parallel_size
-    if world_size % sequence_parallel:
-        raise UserError(
-            f"world size {world_size} is not a multiple of parallel.sequence_parallel_size={sequence_parallel}: "
-            "launch a multiple of it"
-        )
-    data_parallel = world_size // sequence_parallel
-    micro, accum, global_batch = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
-    if not accum and not global_batch:
-        accum = 1
-    if not accum:
-        if global_batch % (micro * data_parallel):
-            raise UserError(
-                f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro} × "
-                f"{data_parallel} data-parallel ranks: change the global batch or the micro batch"
-            )
-        accum = global_batch // (micro * data_parallel)
-    if not global_batch:
-        global_batch = micro * accum * data_parallel
-    if global_batch != micro * accum * data_parallel:
-        raise UserError(
-            f"train.global_batch_size={global_batch} != train.micro_batch_size={micro} × "
-            f"train.gradient_accumulation_steps={accum} × {data_parallel} data-parallel ranks: "
-            "set train.gradient_accumulation_steps=0 to derive it, or fix one of the three"
-        )
-    dtype = resolve_dtype(cfg)
-    owned = {
-        ("train_batch_size",): (global_batch, "train.global_batch_size"),
-        ("train_micro_batch_size_per_gpu",): (micro, "train.micro_batch_size"),
-        ("gradient_accumulation_steps",): (accum, "train.gradient_accumulation_steps"),
-        ("gradient_clipping",): (train.grad_clip, "train.grad_clip"),
-        ("bf16", "enabled"): (dtype == torch.bfloat16, "model.dtype"),
-        ("fp16", "enabled"): (dtype == torch.float16, "model.dtype"),
-    }
-    if "optimizer" in ds:
-        owned |= {
-            ("optimizer", "params", "lr"): (train.lr, "train.lr"),
-            ("optimizer", "params", "betas"): (list(train.adam_betas), "train.adam_betas"),
-            ("optimizer", "params", "weight_decay"): (train.weight_decay, "train.weight_decay"),
-        }
-    if "scheduler" in ds:
-        raise UserError(
-            f"deepspeed.config={path} has a scheduler section, but the run owns the schedule "
-            "(train.warmup_steps, train.schedule): remove the scheduler section"
-        )
-    for keys, (value, owner) in owned.items():
-        node = ds
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        current = node.get(keys[-1], "auto")
-        if current != "auto" and current != value:
-            raise UserError(
-                f"deepspeed.config={path} hard-codes {'.'.join(keys)}={current} but the run has {value} "
-                f'(from {owner}): set it to "auto" in the JSON, or change {owner}'
-            )
-        node[keys[-1]] = value
-    if dtype == torch.float16:
-        ds["fp16"].setdefault("initial_scale_power", 16)
-    if sequence_parallel > 1:
-        ds["sequence_parallel_size"] = sequence_parallel  # read by zero.Init when loading under ZeRO-3
-    return ds
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup

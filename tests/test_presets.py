@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from longctx.config import RunConfig, load_config
-from longctx.trainer import resolve_deepspeed_config
+from longctx.ds_config import resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "launch" / "presets").glob("*.yaml"))
@@ -55,5 +55,6 @@ def test_ds_config_resolves_every_auto_value(ds_config):
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["gradient_accumulation_steps"] == 16 and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # bf16 / fp16 runs accumulate gradients in fp32
     if "optimizer" in ds:
         assert ds["optimizer"]["params"]["lr"] == 2e-5 and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]

@@ -18,12 +18,12 @@ from torch import nn
 
 from longctx import checkpoint
 from longctx.config import ConfigError, RunConfig, load_config
+from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
 from longctx.evaluate import load_eval_model
 from longctx.export import export
 from longctx.model import build_model, count_parameters
 from longctx.quant import BLOCK_LINEARS, is_quantized_linear
-from longctx.trainer import resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist" / "qlora_train.py"

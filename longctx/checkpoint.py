@@ -2,8 +2,13 @@
 
 Layout under `<output_dir>/checkpoints/`:
 
-    step_00000100/                DeepSpeed checkpoint (engine.save_checkpoint, any ZeRO stage)
-        zero_pp_rank_*_...pt      model / optimizer partitions, one set per rank
+    step_00000100/                DeepSpeed checkpoint (engine.save_checkpoint, any ZeRO stage): what resume needs
+        zero_pp_rank_*_...pt      model / optimizer partitions, one set per rank; a LoRA run leaves its frozen base
+                                  out (resume, export and evaluation rebuild it from model.path / model.init)
+        trained.safetensors       the fp32 master weights of every trainable parameter, consolidated over the ranks
+                                  (LoRA, embeddings, norms; or all weights); what export, eval and the final model read
+        base.json                 which base the run trained on: model.path's fingerprint (or the model.init), and
+                                  the base linears held in 4 bits
         trainer_state_rank*.pt    per rank: sampler state, RNG states
         config.yaml               the resolved RunConfig
         ds_config.json            the resolved DeepSpeed JSON
@@ -12,6 +17,9 @@ Layout under `<output_dir>/checkpoints/`:
 Everything is first written to `step_N.tmp/`; rank 0 writes COMPLETE and renames the directory once every rank
 has finished, so an interrupted write (kill -9, node failure) leaves only a `.tmp` directory that is ignored and
 cleaned up by the next save.
+
+Size: a LoRA checkpoint holds the trainable parameters only, 16 bytes per trainable parameter (the fp32 master weight
+and Adam's two fp32 moments in the DeepSpeed state, and the 4-byte consolidated copy), whatever the size of the base.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from longctx.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+TRAINED_PREFIX = "trained"  # trained.safetensors, or trained-0000k-of-0000n.safetensors + index when large
+BASE_RECORD = "base.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -92,6 +102,62 @@ def check_resumable(path: Path, cfg: RunConfig) -> None:
             f"train.output_dir={cfg.train.output_dir} holds checkpoints of a different run ({shown}): "
             "use another train.output_dir, or train.resume=none to start over there"
         )
+    check_base(path, cfg)
+
+
+def base_record(cfg: RunConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """What identifies the base of a run: model.path's fingerprint (or the model.init and seed), plus the names of
+    the base linears held in 4 bits (taken from the built model), which a 4-bit run's export must reproduce."""
+    from longctx.tensor_files import fingerprint
+
+    if cfg.model.path:
+        record: dict[str, Any] = {"path": str(Path(cfg.model.path).resolve())}
+        record["fingerprint"] = fingerprint(cfg.model.path)
+    else:
+        record = {"init": cfg.model.init, "seed": cfg.train.seed}
+    if cfg.quant.enabled and model is not None:
+        from longctx.quant import is_quantized_linear
+
+        quantized = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
+        record["quantized_linears"] = [base_name(name) for name, _ in quantized]
+        record["quant_blocksize"] = quantized[0][1].weight.blocksize if quantized else 64
+    return record
+
+
+def read_base_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    record = Path(path) / BASE_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def check_base(path: str | os.PathLike, cfg: RunConfig) -> None:
+    """Refuse a checkpoint whose recorded base weights differ from what cfg's model.path holds now.
+
+    A LoRA checkpoint carries no frozen weights: resume and export take them from model.path, so a model.path that
+    now holds other weights (another download, a re-export) would silently give another model.
+    """
+    record = read_base_record(path)
+    if record is None or "fingerprint" not in record or not cfg.model.path:
+        return
+    if not Path(cfg.model.path).is_dir():
+        raise UserError(
+            f"model.path={cfg.model.path}, the base of checkpoint {path}, is not a directory: the checkpoint holds "
+            "only what training changed; point model.path at the base model it was trained from"
+        )
+    from longctx.tensor_files import fingerprint
+
+    now, recorded = fingerprint(cfg.model.path), record["fingerprint"]
+    if now != recorded:
+        differing = ", ".join(sorted(k for k in now.keys() | recorded.keys() if now.get(k) != recorded.get(k))[:3])
+        raise UserError(
+            f"model.path={cfg.model.path} is not the base checkpoint {path} was trained from ({differing} differ "
+            "from its base.json): point model.path at the original base model"
+        )
+
+
+def base_name(name: str) -> str:
+    """A training-model parameter or module name as the plain base model names it (peft's wrapper removed)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer", "")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,9 +171,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_checkpoint(
-    engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], trainer_state: dict[str, Any]
+    engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], trainer_state: dict[str, Any], base: dict[str, Any]
 ) -> Path:
-    """Collective: every rank calls it. Writes step_N.tmp, then rank 0 marks it COMPLETE and renames it."""
+    """Collective: every rank calls it. Writes step_N.tmp, then rank 0 marks it COMPLETE and renames it.
+
+    `base` is `base_record(cfg, model)`, written as base.json.
+    """
     root = Path(cfg.train.output_dir) / CHECKPOINTS_DIR
     name = step_dir_name(step)
     tmp_tag = name + ".tmp"
@@ -116,15 +185,53 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # leftovers of an interrupted save of the same step
     dist.barrier()
-    # A 4-bit run's frozen base is not saved: resume and export rebuild it, bit for bit, from model.path/model.init.
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=cfg.quant.enabled)
+    # A LoRA run's frozen base is not saved: resume and export rebuild it, bit for bit, from model.path/model.init.
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=cfg.lora.enabled)
+    save_trained(engine.module, root / tmp_tag, rank)
     state = {**trainer_state, "rng": _rng_state()}
     torch.save(state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
+        _write_atomic(root / tmp_tag / BASE_RECORD, json.dumps(base, indent=2))
         _finalize(root / tmp_tag, root / name, step, cfg, ds_config)
     dist.barrier()
     return root / name
+
+
+def save_trained(model: torch.nn.Module, directory: Path, rank: int) -> None:
+    """Collective: write the fp32 master weights of model's trainable parameters as trained*.safetensors (rank 0).
+
+    Under ZeRO each one is gathered from the optimizer's fp32 partitions (DeepSpeed's safe_get_full_fp32_param, a
+    collective over the data-parallel ranks) and written at once, so rank 0 holds one parameter at a time.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from longctx.tensor_files import ShardedWriter, TensorSpec
+
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    specs = [TensorSpec(name, tuple(getattr(p, "ds_shape", p.shape)), torch.float32) for name, p in params]
+    writer = ShardedWriter(directory, specs, prefix=TRAINED_PREFIX) if rank == 0 else None
+    for (name, param), spec in zip(params, specs):
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # no ZeRO optimizer behind it: the parameter itself is the master weight
+            full = param.detach()
+        if writer is not None:
+            writer.write(name, full.float().reshape(spec.shape))
+    if writer is not None:
+        writer.close()
+
+
+def load_trained(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a checkpoint as written by `save_trained`: {training-model name: fp32 tensor}."""
+    from longctx.tensor_files import SafetensorsReader
+
+    reader = SafetensorsReader.of_directory(path, prefix=TRAINED_PREFIX)
+    if reader is None:
+        raise UserError(
+            f"checkpoint {path} has no {TRAINED_PREFIX}.safetensors: it was written by an earlier longctx version; "
+            "export or evaluate it with that version"
+        )
+    return reader.read_all()
 
 
 def _finalize(tmp_dir: Path, final_dir: Path, step: int, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
@@ -147,7 +254,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
 
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     """Collective: restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
-    base_excluded = load_run_config(path).quant.enabled  # see save_checkpoint: the engine already holds the base
+    base_excluded = load_run_config(path).lora.enabled  # see save_checkpoint: the engine already holds the base
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not base_excluded)
     state_file = path / f"trainer_state_rank{dist.get_rank()}.pt"
     if not state_file.is_file():
@@ -186,87 +293,3 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     if not config_file.is_file():
         raise UserError(f"{path} has no config.yaml: give a checkpoints/step_N directory written by longctx train")
     return from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
-
-
-def load_trained_model(ckpt_dir: str | os.PathLike, *, merge_lora: bool = True) -> tuple[torch.nn.Module, RunConfig]:
-    """The trained model of a checkpoint (any ZeRO stage, any rank count) on CPU in fp32, eval mode.
-
-    LoRA is merged unless merge_lora=False (export keeps the peft wrapper to write an adapter). Attention is dense
-    (evaluation never uses S²-Attn); RoPE scaling is that of the run.
-    """
-    import dataclasses
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from longctx.model import EVAL_ATTENTION, add_lora, build_model
-
-    path = Path(ckpt_dir)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): pick a checkpoints/step_N")
-    cfg = load_run_config(path)
-    # Rebuild the training structure (peft wrapper included) with dense attention, so that names match.
-    dense_cfg = dataclasses.replace(
-        cfg,
-        attention=dataclasses.replace(cfg.attention, implementation=EVAL_ATTENTION),
-        model=dataclasses.replace(cfg.model, activation_checkpointing=False, dtype="float32"),
-    )
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    if cfg.quant.enabled:
-        # The frozen 4-bit base is rebuilt from model.path / model.init in the run's dtype (the same codes and scales
-        # as in training) and dequantized into plain linears; the checkpoint supplies only what trained.
-        trained_in = dataclasses.replace(cfg.model, dtype=_training_dtype(path))
-        model = build_model(dataclasses.replace(dense_cfg, model=trained_in), for_training=False).float()
-        model = add_lora(model, cfg)  # a 4-bit run always trains LoRA (the config refuses full fine-tuning)
-        trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        state_dict = {name: tensor for name, tensor in state_dict.items() if name in trained}
-    else:
-        model = build_model(dense_cfg, for_training=True)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # a shape mismatch, e.g. another lora.r
-        missing, unexpected = [str(e).strip().splitlines()[-1].strip()], []
-    if cfg.quant.enabled:
-        missing = [name for name in missing if name in trained]
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-    if unexpected or set(missing) - tied:
-        raise UserError(
-            f"checkpoint {path} does not match its own config.yaml (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}): it was written by an incompatible longctx version or its "
-            "config.yaml was edited; use the longctx version and config that trained it"
-        )
-    if cfg.lora.enabled and merge_lora:
-        model = model.merge_and_unload()
-    model.requires_grad_(False)
-    return model.eval(), cfg
-
-
-def _training_dtype(path: Path) -> str:
-    """The dtype the run trained in (model.dtype=auto resolves per machine, so read the saved DeepSpeed JSON)."""
-    ds_config = json.loads((path / "ds_config.json").read_text())
-    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        if ds_config.get(key, {}).get("enabled") is True:
-            return dtype
-    return "float32"
-
-
-def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Save a checkpoint's trained model (LoRA merged, RoPE scaling in config.json) as a HF directory, atomically.
-
-    `tokenizer` (a data_prep.tokenizer.Tokenizer), when given, is saved beside it in Hugging Face format. The
-    weights are saved in the run's dtype (bf16 on GPU, fp32 on CPU); `longctx export` writes any other.
-    """
-    from longctx.model import resolve_dtype
-
-    model, cfg = load_trained_model(ckpt_dir)
-    model.to(resolve_dtype(cfg))
-    model.config.use_cache = True
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_hf(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out

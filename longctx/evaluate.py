@@ -1,9 +1,9 @@
 """Evaluation of a context-extended model: perplexity against context length, passkey retrieval, and their plots.
 
-Evaluation always uses dense causal attention (PyTorch SDPA), whatever the model was trained with, in bfloat16 on a
-GPU and float32 on CPU. When torch.distributed is initialised (e.g. under the `deepspeed` launcher) every rank
-scores a disjoint share of the work and the sums are all-reduced, so N ranks give the result of one rank; rank 0
-prints and writes the outputs.
+Evaluation always uses dense causal attention (PyTorch SDPA), whatever the model was trained with, with parameters in
+bfloat16 on a GPU (float16 on one without bf16) and float32 on CPU, and RoPE's buffers in float32 as in training.
+When torch.distributed is initialised (e.g. under the `deepspeed` launcher) every rank scores a disjoint share of the
+work and the sums are all-reduced, so N ranks give the result of one rank; rank 0 prints and writes the outputs.
 
 Perplexity rule (sliding window with stride S, see `perplexity`): every token of a held-out stream except its
 first is scored exactly once; tokens past the first window see at least L - S + 1 tokens of context.
@@ -102,36 +102,56 @@ def eval_model_config(path: str | os.PathLike):
         raise UserError(f"model {path}: config.json cannot be read ({_first_line(e)}): check the directory") from None
 
 
-def load_eval_model(path: str | os.PathLike, device: torch.device | None = None):
-    """A model ready for evaluation: dense SDPA attention, eval mode, bfloat16 on GPU / float32 on CPU.
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU with bf16 arithmetic, float16 on one without (V100, T4), float32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def load_eval_model(path: str | os.PathLike, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """A model ready for evaluation: dense SDPA attention, eval mode, parameters in `dtype` (default `eval_dtype`).
 
     `path` is a plain Hugging Face model directory (config.json; loaded with trust_remote_code off), a longctx
-    training checkpoint (checkpoints/step_N, holding the resolved config.yaml; loaded by
-    `longctx.checkpoint.load_trained_model`), or a training output directory (its newest complete checkpoint).
-    A 4-bit run (quant.type set) is evaluated as the model `longctx export` writes: its base dequantized (the exact
-    weights the 4-bit layers computed with) and LoRA merged, so the numbers are those of the shipped model, and
-    they do not depend on bitsandbytes' inference kernels (on CPU these re-pack the codes and compute in bf16).
+    training checkpoint (checkpoints/step_N; its trained weights put back on its base by
+    `longctx.merge.load_trained_model`, directly in the evaluation dtype), or a training output directory (its newest
+    complete checkpoint). A 4-bit run (quant.type set) is evaluated as the model `longctx export` writes: its base
+    dequantized (the exact weights the 4-bit layers computed with) and LoRA merged, so the numbers are those of the
+    shipped model, and they do not depend on bitsandbytes' inference kernels (on CPU these re-pack the codes and
+    compute in bf16).
+
+    Only parameters take the evaluation dtype: buffers keep theirs, so RoPE's inv_freq stays fp32 as in training (in
+    bf16 its rounding becomes a phase error that grows with the position, exactly where long contexts are scored).
     """
     device = device or eval_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or eval_dtype(device)
     model_dir, is_checkpoint = resolve_model_dir(path)
     if is_checkpoint:
-        from longctx.checkpoint import load_trained_model
+        from longctx.merge import load_trained_model
 
-        model, _ = load_trained_model(model_dir)
+        model, _ = load_trained_model(model_dir, dtype=dtype, device=device)
         model.set_attn_implementation(EVAL_ATTENTION)
-    else:
-        from transformers import AutoModelForCausalLM
+        return model.eval()
+    from transformers import AutoModelForCausalLM
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype, attn_implementation=EVAL_ATTENTION, trust_remote_code=False
-            )
-        except (OSError, ValueError) as e:
-            raise UserError(f"model {path} cannot be loaded ({_first_line(e)}): check the directory's files") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=EVAL_ATTENTION, trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {path} cannot be loaded ({_first_line(e)}): check the directory's files") from None
     if not getattr(model, "is_quantized", False):
-        model = model.to(device=device, dtype=dtype)
+        cast_parameters(model, dtype)
+        model = model.to(device)
     return model.eval()
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters to dtype and leave the buffers as they are (see `load_eval_model`)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
 
 
 def _first_line(error: Exception) -> str:

@@ -18,7 +18,6 @@ merged model holds exactly the weights the 4-bit layers computed with, so it nee
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -28,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from longctx.checkpoint import load_trained_model
 from longctx.config import RunConfig
 from longctx.errors import UserError
+from longctx.merge import TrainedWeights, add_legacy_rope_keys, clean_config, read_checkpoint, write_merged
 
 FORMATS = ("merged", "adapter", "both")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEFT_ADAPTER_NAME = "default"
+PEFT_PREFIX = "base_model.model."  # peft's names of the wrapped model's modules
 
 ADAPTER_README = """\
 # LoRA adapter exported by longctx
@@ -110,8 +109,8 @@ def export(
     tok = resolve_tokenizer(cfg, tokenizer)
     _check_tokenizer(tok, cfg, needed="merged" in kinds)
 
-    _progress(f"loading {ckpt_dir} (consolidating its ZeRO partitions)")
-    model, _ = load_trained_model(ckpt_dir, merge_lora=False)
+    _progress(f"reading the trained weights of {ckpt_dir}")
+    weights = read_checkpoint(ckpt_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export in a process of the same id
     tmp.mkdir(parents=True)
@@ -120,11 +119,12 @@ def export(
         for kind in kinds:
             target = tmp / kind if format == "both" else tmp
             final = out / kind if format == "both" else out
+            target.mkdir(parents=True, exist_ok=True)
             _progress(f"writing the {kind} model")
             if kind == "adapter":
-                _write_adapter(model, cfg, target, DTYPES[dtype], final, tok)
-            else:  # merging replaces the LoRA layers in place, so the adapter (if asked) is written first
-                model = _write_merged(model, cfg, target, DTYPES[dtype], tok)
+                _write_adapter(weights, target, DTYPES[dtype], final, tok)
+            else:  # streamed from the base tensor by tensor, LoRA merged
+                write_merged(weights, target, DTYPES[dtype], tok)
             written[kind] = final
         _replace_dir(tmp, out)
     except BaseException:
@@ -220,48 +220,46 @@ def _check_tokenizer(tokenizer, cfg: RunConfig, *, needed: bool) -> None:
         )
 
 
-def _trained_module_names(model, cfg: RunConfig) -> list[str]:
-    """Leaf names (embed_tokens, input_layernorm, norm, ...) of the modules trained in full next to LoRA."""
-    from longctx.model import trainable_modules
+def _write_adapter(weights: TrainedWeights, out: Path, dtype: torch.dtype, final_dir: Path, tokenizer) -> None:
+    """adapter_config.json + adapter_model.safetensors (LoRA and modules_to_save) + the scaled base config.json.
 
-    base = model.get_base_model()
-    wanted = {id(m) for m in trainable_modules(base, cfg.lora.trainable)}
-    return sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if id(m) in wanted})
-
-
-def _write_adapter(model, cfg: RunConfig, out: Path, dtype: torch.dtype, final_dir: Path, tokenizer) -> None:
-    """adapter_config.json + adapter_model.safetensors (LoRA and modules_to_save) + the scaled base config.json."""
+    peft's conventions: LoRA weights are saved without the adapter name (lora_A.default.weight -> lora_A.weight),
+    and modules_to_save weights under the module's own name; their leaf names (embed_tokens, input_layernorm, ...)
+    go in modules_to_save.
+    """
+    from peft import LoraConfig
     from safetensors.torch import save_file
 
-    peft_config = copy.deepcopy(model.peft_config[PEFT_ADAPTER_NAME])
-    peft_config.base_model_name_or_path = str(Path(cfg.model.path).resolve())
-    peft_config.modules_to_save = _trained_module_names(model, cfg)
-    peft_config.inference_mode = True
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied and "embed_tokens" in peft_config.modules_to_save:
-        peft_config.ensure_weight_tying = True  # peft then ties lm_head to the trained embedding copy
-    module_prefixes = tuple(
-        f"{name}." for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in peft_config.modules_to_save
+    from longctx.merge import scaled_config
+
+    cfg, lora = weights.cfg, weights.cfg.lora
+    hf_config = scaled_config(cfg)
+    modules_to_save = sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in weights.replaced})
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(Path(cfg.model.path).resolve()),
+        modules_to_save=modules_to_save or None,
+        inference_mode=True,
     )
     tensors = {}
-    for name, param in model.state_dict().items():
-        if "lora_" in name:  # peft saves LoRA weights without the adapter name: lora_A.default.weight -> lora_A.weight
-            key = name.replace(f".{PEFT_ADAPTER_NAME}.", ".")
-        elif name.startswith(module_prefixes):  # modules_to_save weights are saved under the module's own name
-            key = name
-        else:
-            continue
-        tensors[key] = param.detach().to(dtype).contiguous()
-    if tied and peft_config.ensure_weight_tying:  # peft's file carries the tied head too, equal to the embedding
-        names = {id(module): name for name, module in model.named_modules()}
-        embedding, head = (names[id(m)] for m in (model.get_input_embeddings(), model.get_output_embeddings()))
-        tensors[f"{head}.weight"] = tensors[f"{embedding}.weight"].clone()
-    out.mkdir(parents=True, exist_ok=True)
+    for module, (a, b) in weights.lora.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+    for name, tensor in weights.replaced.items():
+        tensors[f"{PEFT_PREFIX}{name}"] = tensor.to(dtype).contiguous()
+    embedding, head = _embedding_names(cfg, hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and f"{embedding}.weight" in weights.replaced:
+        peft_config.ensure_weight_tying = True  # peft then ties the head to the trained embedding copy
+        tensors[f"{PEFT_PREFIX}{head}.weight"] = tensors[f"{PEFT_PREFIX}{embedding}.weight"].clone()
     peft_config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    base_config = _clean_config(model.get_base_model().config, cfg, dtype)
-    base_config.save_pretrained(str(out))
-    _add_legacy_rope_keys(out / "config.json")
+    clean_config(hf_config, cfg, dtype).save_pretrained(str(out))
+    add_legacy_rope_keys(out / "config.json")
     readme = ADAPTER_README.format(adapter_dir=final_dir, base=peft_config.base_model_name_or_path)
     if cfg.quant.enabled:
         readme += QUANTIZED_BASE_README.format(quant=cfg.quant)
@@ -270,46 +268,14 @@ def _write_adapter(model, cfg: RunConfig, out: Path, dtype: torch.dtype, final_d
         tokenizer.save_hf(out)
 
 
-def _write_merged(model, cfg: RunConfig, out: Path, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
-    """LoRA merged into the base; saved in `dtype` with a clean config and the tokenizer. Returns the merged model."""
-    if cfg.lora.enabled:
-        model = model.merge_and_unload()
-    model.config = _clean_config(model.config, cfg, dtype)
-    model = model.to(dtype)
-    model.save_pretrained(str(out))
-    _add_legacy_rope_keys(out / "config.json")
-    tokenizer.save_hf(out)
-    return model
+def _embedding_names(cfg: RunConfig, hf_config) -> tuple[str, str]:
+    """Module names of the input embedding and the output head, from a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
 
-
-def _clean_config(hf_config, cfg: RunConfig, dtype: torch.dtype):
-    """A copy of the model's config for inference: no S²-Attn settings, cache on, dtype, context = trained length."""
-    from longctx import attention
-
-    config = hf_config.__class__.from_dict(hf_config.to_dict())
-    for target in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-        if hasattr(target, attention._CONFIG_ATTRIBUTE):
-            delattr(target, attention._CONFIG_ATTRIBUTE)
-    config.use_cache = True
-    config.dtype = dtype
-    config.max_position_embeddings = max(config.max_position_embeddings, cfg.train.seq_len)
-    return config
-
-
-def _add_legacy_rope_keys(config_file: Path) -> None:
-    """Also write the RoPE scaling as transformers 4.x wrote it (`rope_scaling` with `type`, and `rope_theta`).
-
-    transformers 5 reads `rope_scaling` in preference to `rope_parameters` and takes `rope_theta` from the top
-    level, so both spellings must say the same.
-    """
-    config = json.loads(config_file.read_text())
-    rope_parameters = config.get("rope_parameters") or {}
-    if rope_parameters.get("rope_type", "default") != "default":
-        scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
-        config["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
-    if "rope_theta" in rope_parameters:
-        config["rope_theta"] = rope_parameters["rope_theta"]
-    _write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(model.get_input_embeddings())], names[id(model.get_output_embeddings())]
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -321,12 +287,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _progress(message: str) -> None:

@@ -5,6 +5,12 @@ The base comes from a local Hugging Face directory (`model.path`) or from a conf
 transformers-5 field; rope_theta is kept). Training attention is selected through transformers' own
 `attn_implementation` hook; S²-Attn is registered by `longctx.attention`. LoRA comes from peft; embeddings and
 norms are made trainable in place (as LongLoRA does), so their parameter names stay those of the base model.
+
+Precision, one rule for every ZeRO stage: every trainable parameter (LoRA, embeddings, norms, or all weights) is held
+in the run's dtype, the dtype of the base. ZeRO flattens the trainable parameters of a group into one buffer, which
+takes one dtype (peft's default of fp32 adapters on a bf16 base is what made ZeRO-3 fail at start-up). Precision is
+kept where it matters by DeepSpeed: the optimizer holds fp32 master weights and accumulates gradients in fp32
+(`data_types.grad_accum_dtype`, see longctx.ds_config); the bf16 weights are their rounded copies.
 """
 
 from __future__ import annotations
@@ -125,7 +131,7 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     """The model of a run: base weights + RoPE scaling + attention; for training also LoRA and trainable parts.
 
     for_training=False gives the plain scaled base (dense attention, nothing trainable) on which a checkpoint's
-    weights are loaded, see `longctx.checkpoint.load_trained_model`; with quant.type set, its 4-bit linears
+    weights are loaded, see `longctx.merge.load_trained_model`; with quant.type set, its 4-bit linears
     dequantized into plain ones.
     """
     from safetensors import SafetensorError
@@ -179,8 +185,10 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora.enabled:
         model.requires_grad_(True)
-        return model.train()
-    return add_lora(model, cfg).train()
+    else:
+        model = add_lora(model, cfg)
+    hold_trainable_in(model, dtype)
+    return model.train()
 
 
 def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -197,7 +205,8 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, peft_config)
+        # No fp32 adapters on a bf16 base: the trainable parameters share the run's dtype (see the module doc).
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
     except ValueError as e:
         raise UserError(
             f"lora.target_modules={lora.target_modules} do not fit this model ({e}): fix the names"
@@ -205,6 +214,17 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
     for module in trainable_modules(model, lora.trainable):
         module.requires_grad_(True)
     return peft_model
+
+
+def hold_trainable_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every trainable floating-point parameter to `dtype` (the module doc's precision rule).
+
+    Parameters already partitioned by ZeRO-3's zero.Init (`ds_id`) were created in the run's dtype and are skipped;
+    frozen parameters (a 4-bit base's packed codes among them) are left as they are.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
 
 
 def trainable_modules(model: nn.Module, parts: list[str]) -> list[nn.Module]:

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,12 @@ class PreemptionFlag:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
+    def __enter__(self) -> PreemptionFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
 
 OOM_MESSAGE = (
     "out of memory at train.seq_len={seq_len}, train.micro_batch_size={micro}: the most effective knobs are "
@@ -119,10 +126,12 @@ def partitioned_loading(cfg: RunConfig, ds_config: dict[str, Any]):
     """Under ZeRO-3, let transformers load model.path inside deepspeed.zero.Init, so that each rank only ever
     holds its own shard of the weights (a 70B model never lands whole in one process's memory).
 
-    Random-init models (model.init: demo, tests, benchmarks) are small and built whole, because zero.Init draws
-    the random weights in another order: built whole, they are the same weights with or without ZeRO-3.
+    Not for random-init models (model.init: demo, tests, benchmarks), which are small and built whole, because zero.Init
+    draws the random weights in another order: built whole, they are the same weights with or without ZeRO-3. Not for
+    a 4-bit base either: transformers never quantizes inside zero.Init, and refuses the `device_map` with which each
+    rank quantizes straight onto its GPU while ZeRO-3 is announced; the engine partitions the 4-bit weights afterwards.
     """
-    if not cfg.model.path or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if not loads_partitioned(cfg, ds_config):
         yield
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -133,6 +142,12 @@ def partitioned_loading(cfg: RunConfig, ds_config: dict[str, Any]):
     finally:
         unset_hf_deepspeed_config()  # later single-rank loads (the final model on rank 0) must not partition
         del hf_deepspeed_config
+
+
+def loads_partitioned(cfg: RunConfig, ds_config: dict[str, Any]) -> bool:
+    """Whether model.path is loaded inside zero.Init (see `partitioned_loading`)."""
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    return zero3 and bool(cfg.model.path) and not cfg.quant.enabled
 
 
 def lr_lambda(cfg: RunConfig):
@@ -263,23 +278,63 @@ def token_loss_sum(engine, batch: dict[str, torch.Tensor], memory: MemoryConfig 
         return tiling.tiled_loss_sum(lm_head, output.hidden_states[-1], batch["target_ids"], memory.loss_chunk_tokens)
 
 
+@dataclass
+class Run:
+    """A built training run: the engine and everything `loop` steps, logs and checkpoints."""
+
+    cfg: RunConfig
+    engine: Any
+    scheduler: Any
+    dataset: Any
+    sampler: Any
+    ds_config: dict[str, Any]
+    sp: parallel.SequenceParallel
+    metrics: MetricsLog
+    preemption: PreemptionFlag
+    base: dict[str, Any]
+    """`checkpoint.base_record`: saved with every checkpoint, which holds only what training changes."""
+    step: int
+    """The step training starts from (0, or the resumed checkpoint's)."""
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
 def train(cfg: RunConfig, *, dataset=None) -> dict[str, Any]:
     """Run cfg to train.max_steps (resuming when asked); return the summary. `dataset` replaces data.train."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_out_of_memory_as_user_error(cfg))
+        # From the start: a signal while the model loads still ends in a checkpoint.
+        preemption = stack.enter_context(PreemptionFlag())
+        run = build(cfg, dataset, preemption)
+        last_save = loop(run)
+        return finish(run, last_save)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_user_error(cfg: RunConfig):
     try:
-        return _train(cfg, dataset)
+        yield
     except torch.OutOfMemoryError:
         raise UserError(OOM_MESSAGE.format(seq_len=cfg.train.seq_len, micro=cfg.train.micro_batch_size)) from None
 
 
-def _train(cfg: RunConfig, dataset) -> dict[str, Any]:
-    preemption = PreemptionFlag()  # from the start: a signal while the model loads still ends in a checkpoint
+@contextlib.contextmanager
+def startup_stage(what: str, fix: str):
+    """One line for an exception from inside a library (DeepSpeed, transformers, peft, bitsandbytes) while starting:
+    the stage, what the library said, and what to change. The exception stays chained: --debug shows it."""
     try:
-        return _build_and_train(cfg, dataset, preemption)
-    finally:
-        preemption.restore()
+        yield
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        said = str(e).strip().splitlines()[0].strip() if str(e).strip() else "no message"
+        raise UserError(f"{what} failed ({type(e).__name__}: {said}): {fix}") from e
 
 
-def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dict[str, Any]:
+def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
+    """Process group, DeepSpeed JSON, model, data, engine, and the checkpoint to resume from: everything but steps."""
     import deepspeed
 
     from longctx.data import ResumableDistributedSampler
@@ -301,8 +356,10 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
         save_config(cfg, output_dir / "config.yaml")
 
     torch.manual_seed(cfg.train.seed)
-    with partitioned_loading(cfg, ds_config):
-        model = build_model(cfg)
+    with startup_stage("loading the model", "check model.path, model.dtype and quant.* (--debug shows where)"):
+        with partitioned_loading(cfg, ds_config):
+            model = build_model(cfg)
+    base = checkpoint.base_record(cfg, model)
     parallel.enable_on_model(
         model,
         sp,
@@ -328,19 +385,29 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
         optimizer = torch.optim.AdamW(
             params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
         )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=params,
-        optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-        config=ds_config,
-        mpu=sp.mpu,
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    engine_fix = (
+        f"check deepspeed.config={cfg.deepspeed.config} against the run (ZeRO-{stage}, model.dtype={cfg.model.dtype}, "
+        "quant.type, lora.*); --debug shows where"
     )
+    with startup_stage(f"building the ZeRO-{stage} engine (deepspeed.initialize)", engine_fix):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+            config=ds_config,
+            mpu=sp.mpu,
+        )
     num_trainable, num_total = count_parameters(engine.module)
 
     step = 0
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(engine, resume_from)
+        resume_fix = (
+            "resume with the world size and longctx version that wrote it, or start over with train.resume=none"
+        )
+        with startup_stage(f"resuming from {resume_from}", resume_fix):
+            state = checkpoint.load_checkpoint(engine, resume_from)
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
     metrics = MetricsLog(output_dir, rank, resumed_at=step, total_steps=cfg.train.max_steps)
@@ -351,30 +418,20 @@ def _build_and_train(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> dic
         + (f" split over {sp.size} sequence-parallel ranks" if sp.size > 1 else "")
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
-
-    batches = micro_batches(dataset, sampler, micro)
-    engine.train()
-    last_save = _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step, sp)
-    step = cfg.train.max_steps
-    if last_save is None:  # resumed at max_steps: nothing left to train
-        last_save = checkpoint.complete_checkpoints(cfg.train.output_dir)[-1]
-
-    final_dir = output_dir / "final"
-    if rank == 0:
-        checkpoint.write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(cfg, dataset))
-    dist.barrier()
-    summary = metrics.close(step=step, checkpoint=str(last_save), final_model=str(final_dir))
-    return summary
+    return Run(cfg, engine, scheduler, dataset, sampler, ds_config, sp, metrics, preemption, base, step)
 
 
-def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, preemption, step, sp):
-    """Steps from `step` to train.max_steps; returns the last checkpoint written (None if none was).
+def loop(run: Run) -> Path | None:
+    """Steps from run.step to train.max_steps; returns the last checkpoint written (None if none was).
 
     Raises Preempted after checkpointing the step at which any rank got SIGTERM/SIGUSR1.
     """
-    device, accum = engine.device, ds_config["gradient_accumulation_steps"]
-    grad_factor = parallel.gradient_sum_factor(ds_config, sp)
-    last_save = None
+    cfg, engine, sp = run.cfg, run.engine, run.sp
+    device, accum = engine.device, run.ds_config["gradient_accumulation_steps"]
+    grad_factor = parallel.gradient_sum_factor(run.ds_config, sp)
+    batches = micro_batches(run.dataset, run.sampler, run.ds_config["train_micro_batch_size_per_gpu"])
+    engine.train()
+    step, last_save = run.step, None
     start = time.perf_counter()
     while step < cfg.train.max_steps:
         step_start = time.perf_counter()
@@ -388,7 +445,7 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
         parallel.all_reduce_(label_tokens)  # host-device sync: the global token count weights every micro batch
         label_tokens.clamp_(min=1)  # a batch of padding only contributes zero loss, not NaN
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        lr = scheduler.get_last_lr()[0]
+        lr = run.scheduler.get_last_lr()[0]
         for batch in step_batches:
             micro_loss_sum = token_loss_sum(engine, batch, cfg.memory)
             # DeepSpeed averages gradients over ranks (see parallel.gradient_sum_factor): this turns that into a sum.
@@ -400,7 +457,7 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - start
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            metrics.log(
+            run.metrics.log(
                 step=step,
                 loss=(loss_sum / label_tokens).item(),  # host-device sync
                 lr=lr,
@@ -410,12 +467,13 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
                 memory_gb=peak_memory_gb(),
             )
         scheduled_save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps
-        preempted = step < cfg.train.max_steps and preemption.any_rank(device)
+        preempted = step < cfg.train.max_steps and run.preemption.any_rank(device)
         if scheduled_save or preempted:
-            last_save = save(engine, step, cfg, ds_config, sampler)
+            last_save = save(run, step)
         if preempted:
-            received = signal.Signals(preemption.received).name if preemption.received else "another rank's signal"
-            metrics.message(
+            received = run.preemption.received
+            received = signal.Signals(received).name if received else "another rank's signal"
+            run.metrics.message(
                 f"preempted ({received}): checkpoint {last_save} holds step {step}; exiting with "
                 f"{PREEMPTED_EXIT_CODE}, run again with train.resume=auto to continue"
             )
@@ -424,10 +482,26 @@ def _train_steps(cfg, engine, scheduler, batches, sampler, ds_config, metrics, p
     return last_save
 
 
-def save(engine, step: int, cfg: RunConfig, ds_config: dict[str, Any], sampler) -> Path:
-    path = checkpoint.save_checkpoint(engine, step, cfg, ds_config, {"step": step, "sampler": sampler.state_dict()})
+def finish(run: Run, last_save: Path | None) -> dict[str, Any]:
+    """Rank 0 writes the final model; every rank returns the summary."""
+    if last_save is None:  # resumed at max_steps: nothing left to train
+        last_save = checkpoint.complete_checkpoints(run.cfg.train.output_dir)[-1]
+    final_dir = run.output_dir / "final"
     if dist.get_rank() == 0:
-        checkpoint.prune_checkpoints(cfg.train.output_dir, cfg.train.keep_last)
+        # Streamed tensor by tensor from the checkpoint and the base (bounded memory, any model size); the other
+        # ranks are done and exit instead of waiting for it in a barrier that could time out.
+        from longctx.merge import write_final_model
+
+        run.metrics.message(f"writing the final model to {final_dir}")
+        write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(run.cfg, run.dataset))
+    return run.metrics.close(step=run.cfg.train.max_steps, checkpoint=str(last_save), final_model=str(final_dir))
+
+
+def save(run: Run, step: int) -> Path:
+    trainer_state = {"step": step, "sampler": run.sampler.state_dict()}
+    path = checkpoint.save_checkpoint(run.engine, step, run.cfg, run.ds_config, trainer_state, run.base)
+    if dist.get_rank() == 0:
+        checkpoint.prune_checkpoints(run.cfg.train.output_dir, run.cfg.train.keep_last)
     return path
 
 

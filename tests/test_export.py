@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from longctx import checkpoint, cli
+from longctx import checkpoint, cli, merge
 from longctx.config import RunConfig, load_config
 from longctx.errors import UserError
 from longctx.export import export
@@ -103,7 +103,7 @@ def edited_config(ckpt_dir: Path, changes: dict[str, object]) -> str:
 
 
 def trained_logits(ckpt_dir: Path) -> torch.Tensor:
-    model, _ = checkpoint.load_trained_model(ckpt_dir)
+    model, _ = merge.load_trained_model(ckpt_dir)
     with torch.no_grad():
         return model(torch.tensor([TOKENS])).logits[0]  # (N, vocab)
 
@@ -236,8 +236,10 @@ def test_export_refusals(zero2_run, tmp_path, capsys):
         export(tmp_path / "run", tmp_path / "b", tokenizer=tokenizer_dir)
 
     (incomplete / checkpoint.COMPLETE_MARKER).write_text("{}")
-    # Another LoRA rank (shapes differ); one LoRA target fewer (the checkpoint holds weights the config lacks).
-    for change in ({"lora.r": 4}, {"lora.target_modules": ["q_proj", "k_proj", "v_proj"]}):
+    # Another LoRA rank (shapes differ); one LoRA target fewer (the checkpoint holds weights the config lacks); one
+    # more (the config names adapters the checkpoint lacks).
+    fewer, more = ["q_proj", "k_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
+    for change in ({"lora.r": 4}, {"lora.target_modules": fewer}, {"lora.target_modules": more}):
         (incomplete / "config.yaml").write_text(edited_config(ckpt_dir, change))
         with pytest.raises(UserError, match="does not match its own config.yaml"):
             export(incomplete, tmp_path / "b", tokenizer=tokenizer_dir)

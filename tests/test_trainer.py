@@ -26,10 +26,10 @@ def test_schedule_warms_up_then_stays_constant_or_decays():
 
 
 def test_out_of_memory_becomes_a_message_naming_the_knobs(monkeypatch):
-    def out_of_memory(cfg, dataset):
+    def out_of_memory(cfg, dataset, preemption):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer, "_train", out_of_memory)
+    monkeypatch.setattr(trainer, "build", out_of_memory)
     with pytest.raises(UserError) as e:
         trainer.train(run_config("train.seq_len=32768"))
     message = str(e.value)

@@ -4,6 +4,7 @@ Plus the shard checks: vocabulary and tokenizer must be the model's."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,18 @@ def test_shards_must_match_the_models_vocabulary_and_tokenizer(corpus, tmp_path)
     with pytest.raises(UserError, match="packed with tokenizer other.model .* re-pack the data") as e:
         load_train_dataset(cfg, hf_config)
     assert "\n" not in str(e.value)
+
+
+def test_a_library_error_at_start_up_is_one_line_naming_the_stage(corpus, tmp_path):
+    # A value DeepSpeed's own config parser refuses (pydantic prints a multi-line report): the user sees one line
+    # that names the stage, DeepSpeed's first line and what to check.
+    shards64 = pack_shards(corpus, corpus / "tok.model", 64, tmp_path / "shards64")
+    ds = json.loads((ROOT / "ds_configs" / "stage3.json").read_text())
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "lots"
+    (tmp_path / "bad.json").write_text(json.dumps(ds))
+    run = [*BASE, f"data.train={shards64}", f"train.output_dir={tmp_path / 'run'}"]
+    result = longctx_train(*run, f"deepspeed.config={tmp_path / 'bad.json'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("longctx: error: building the ZeRO-3 engine (deepspeed.initialize) failed (ValidationError")
+    assert f"check deepspeed.config={tmp_path / 'bad.json'}" in error and "Traceback" not in result.stderr

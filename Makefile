@@ -37,3 +37,14 @@ demo: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# The prepared GPU check (DEVELOPERS.md): GPU tests, LLaMA-2-7B training-step sweep, longest context, in one budget.
+# System python3 and no .venv: a lent GPU machine has none (the wheels in .whl/ go to /tmp/site). Its results land in
+# benchmarks/results/gpu_check_<device>.json. Pass options with GPU_CHECK_ARGS="--budget-s 480 --work-dir DIR".
+.PHONY: gpu-check gpu-check-dry
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The same check's plan on this machine, no GPU needed (tests/test_gpu_check.py runs it in `make test`).
+gpu-check-dry: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --dry-run $(GPU_CHECK_ARGS)

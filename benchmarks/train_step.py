@@ -6,6 +6,9 @@
     .venv/bin/python benchmarks/train_step.py --sweep --shape llama2-7b
     # the CPU sweep of the tiny shape (what tests/test_benchmark_train_step.py exercises)
     .venv/bin/python benchmarks/train_step.py --sweep --shape tiny
+    # part of a sweep within a time budget (what benchmarks/gpu_check.py runs), and its plan alone (no model built)
+    python3 benchmarks/train_step.py --sweep --shape llama2-7b --lengths 32768 8192 --trainings lora \
+        --bisect-limit 0 --budget-s 150 [--dry-run]
 
 The model is built from its config with random weights: on the meta device first, then materialized on the
 target device (`to_empty`) and initialized (normal(0, 0.02) linear/embedding weights, unit norms, RoPE buffers
@@ -14,11 +17,18 @@ recomputed), so a 7B shape costs no download and no host copy. The training setu
 trainable embeddings and norms (`--training lora`) or every weight trainable (`--training full`), bf16 on GPU /
 fp32 on CPU, activation checkpointing as the preset says, S²-Attn (G = N/4) or dense causal SDPA, the preset's
 ZeRO stage through DeepSpeed on one rank with torch AdamW, as `longctx.trainer` runs it. A step is one
-micro batch of one sequence of N random tokens: forward, loss, backward, optimizer step. Tiling and sequence
-parallelism have not landed in longctx, so the harness has no switches for them yet.
+micro batch of one sequence of N random tokens: forward, loss, backward, optimizer step. The preset's memory
+settings (tiled MLP, tiled loss) apply as in training; sequence parallelism has no switch here (one GPU).
 
 Each configuration runs in a fresh process (after `--warmup` untimed steps, `--steps` timed ones), so peak
 memory is that configuration's own and a CUDA out-of-memory cannot poison the next measurement.
+`--memory-limit-gib` caps what that process may allocate on the GPU (torch's per-process memory fraction), so a
+larger GPU can stand in for a smaller one in the search for the longest context. `--budget-s` bounds the sweep's
+wall-clock time: a configuration is started only while at least as much time is left as the slowest one so far took
+(`MIN_START_S` before any), the one running at the deadline is stopped, and each is recorded as "skipped" or
+"timeout"; the bisection then reports the longest length that fitted so far ("cut_by_budget"). `--dry-run` builds
+and validates every planned configuration's RunConfig (the child's own `run_config`), runs nothing, and exits 1
+naming each problem.
 
 FLOP counting (per training step, B sequences of N tokens, T = B·N; matmul of an m×k by k×n matrix = 2mkn):
   * linear layers, forward: 2 · P_linear · T, where P_linear counts the weights of every nn.Linear in the model
@@ -81,6 +91,8 @@ TRAININGS = ("lora", "full")  # LoRA + trainable embed/norm, or full fine-tuning
 LABELS = {"s2attn": "S²-Attn", "sdpa": "dense", "lora": "LoRA+embed/norm", "full": "full FT"}
 # Dense bf16 tensor-core peak in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# --budget-s: no configuration starts with less time left than this (or than the slowest one so far took).
+MIN_START_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,12 @@ class Configuration:
     ds_config: str | None
     warmup: int
     steps: int
+    memory_limit_gib: float | None = None
+    """Cap on this process's GPU memory (None: the whole device)."""
+
+
+class BudgetSpent(Exception):
+    """The sweep's --budget-s ran out before a configuration could start or finish."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +235,9 @@ def measure(config: Configuration) -> dict:
     ds_config = resolve_deepspeed_config(cfg, world_size=1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if cuda and config.memory_limit_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config.memory_limit_gib * 2**30 / total), device)
     model = build_random_model(cfg, device)
     linear_params, layer_linear_params, trainable_linear_params = linear_parameter_counts(model)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -233,7 +254,7 @@ def measure(config: Configuration) -> dict:
     label_tokens = cfg.train.seq_len - 1
 
     def step() -> None:
-        loss_sum = token_loss_sum(engine, batch)
+        loss_sum = token_loss_sum(engine, batch, cfg.memory)
         engine.backward(loss_sum / label_tokens)
         engine.step()
 
@@ -273,6 +294,9 @@ def measure(config: Configuration) -> dict:
         "status": "ok",
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "activation_checkpointing": cfg.model.activation_checkpointing,
+        "tiled_mlp": cfg.memory.tiled_mlp,
+        "tiled_loss": cfg.memory.tiled_loss,
+        "memory_limit_gib": config.memory_limit_gib,
         "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
         "trainable_params": trainable_params,
         "total_params": total_params,
@@ -290,11 +314,15 @@ def measure(config: Configuration) -> dict:
     }
 
 
-def measure_in_fresh_process(config: Configuration) -> dict:
-    """measure() in a child process; a CUDA out-of-memory there comes back as status "oom"."""
+def measure_in_fresh_process(config: Configuration, timeout_s: float | None = None) -> dict:
+    """measure() in a child process; a CUDA out-of-memory there comes back as status "oom", a child still running
+    after timeout_s is killed and comes back as status "timeout"."""
     command = [sys.executable, __file__, "--child", json.dumps(config.__dict__)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     base = {"seq_len": config.seq_len, "attention": config.attention, "training": config.training}
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return base | {"status": "timeout", "error": f"stopped after {timeout_s:.0f} s: the sweep's budget ran out"}
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         return base | {"status": "failed", "error": tail[:500]}
@@ -354,53 +382,58 @@ def longest_fitting(
     return low, probes
 
 
+class Budget:
+    """Runs configurations within --budget-s (None: no limit), recording the ones it cannot run (module docstring)."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.slowest_s = 0.0
+
+    def run(self, config: Configuration) -> dict:
+        start = time.monotonic()
+        timeout_s = None if self.deadline is None else self.deadline - start
+        if timeout_s is not None and timeout_s < max(MIN_START_S, self.slowest_s):
+            return {
+                "seq_len": config.seq_len,
+                "attention": config.attention,
+                "training": config.training,
+                "status": "skipped",
+                "error": f"not started: {max(timeout_s, 0):.0f} s of the sweep's budget left",
+            }
+        row = measure_in_fresh_process(config, timeout_s)
+        row["wall_s"] = time.monotonic() - start  # process start, model build and engine set-up included
+        self.slowest_s = max(self.slowest_s, row["wall_s"])
+        return row
+
+
 def sweep(args) -> dict:
     from _env import environment
 
     rows: list[dict] = []
     failed_from: dict[tuple[str, str], int] = {}  # (attention, training) -> first length that did not fit
     lengths = args.lengths or (TINY_LENGTHS if args.shape == "tiny" else GPU_LENGTHS)
+    budget = Budget(args.budget_s)
 
     def configuration(seq_len: int, attention: str, training: str, warmup: int, steps: int) -> Configuration:
-        return Configuration(args.shape, seq_len, attention, training, str(args.preset), args.ds_config, warmup, steps)
+        return Configuration(
+            args.shape, seq_len, attention, training, str(args.preset), args.ds_config, warmup, steps,
+            args.memory_limit_gib,
+        )  # fmt: skip
 
     for seq_len in lengths:
-        for attention in ATTENTIONS:
-            for training in TRAININGS:
+        for attention in args.attentions:
+            for training in args.trainings:
                 if failed_from.get((attention, training), seq_len + 1) < seq_len:
                     continue  # a shorter sequence did not fit already
-                row = measure_in_fresh_process(configuration(seq_len, attention, training, args.warmup, args.steps))
+                row = budget.run(configuration(seq_len, attention, training, args.warmup, args.steps))
                 rows.append(row)
                 print(summary_line(row), flush=True)
-                if row["status"] != "ok":
+                if row["status"] in ("oom", "failed"):
                     failed_from[(attention, training)] = seq_len
 
     bisection = None
     if args.bisect_limit:
-        # The longest context for the preset's own setup: S²-Attn with LoRA + embed/norm; one step per probe.
-        def fits(seq_len: int) -> bool:
-            row = measure_in_fresh_process(configuration(seq_len, "s2attn", "lora", 0, 1))
-            print(f"bisection probe N={seq_len}: {row['status']}", flush=True)
-            return row["status"] == "ok"
-
-        fitted = [
-            r["seq_len"] for r in rows if (r["attention"], r["training"], r["status"]) == ("s2attn", "lora", "ok")
-        ]
-        longest, probes = longest_fitting(
-            fits,
-            known_fit=max(fitted, default=0),
-            known_fail=failed_from.get(("s2attn", "lora")),
-            granularity=args.granularity,
-            limit=args.bisect_limit,
-        )
-        bisection = {
-            "configuration": "s2attn + lora",
-            "granularity": args.granularity,
-            "limit": args.bisect_limit,
-            "longest_fitting_seq_len": longest,
-            "reached_limit": longest >= args.bisect_limit - args.granularity + 1,
-            "probes": [{"seq_len": n, "fits": f} for n, f in probes],
-        }
+        bisection = bisect_longest(args, rows, failed_from, budget, configuration)
     env = environment()
     preset = Path(args.preset).resolve()
     peak = args.peak_tflops or peak_tflops_of(env["device_name"] if env["device"] == "cuda" else "")
@@ -421,6 +454,104 @@ def sweep(args) -> dict:
         "flop_counting": __doc__.split("FLOP counting")[1].split("Memory:")[0].strip(),
         "rows": rows,
         "bisection": bisection,
+    }
+
+
+def bisect_longest(args, rows: list[dict], failed_from: dict, budget: Budget, configuration) -> dict:
+    """The longest context for the preset's own setup: S²-Attn with LoRA + embed/norm; one step per probe."""
+    probed: dict[int, dict] = {}  # seq_len -> its row, in probe order
+
+    def fits(seq_len: int) -> bool:
+        row = budget.run(configuration(seq_len, "s2attn", "lora", 0, 1))
+        print(f"bisection probe N={seq_len}: {row['status']}", flush=True)
+        if row["status"] in ("skipped", "timeout"):
+            raise BudgetSpent(row["error"])
+        probed[seq_len] = row
+        return row["status"] == "ok"
+
+    fitted = [r["seq_len"] for r in rows if (r["attention"], r["training"], r["status"]) == ("s2attn", "lora", "ok")]
+    known_fit = max(fitted, default=0)
+    cut_reason = None
+    try:
+        longest, probes = longest_fitting(
+            fits,
+            known_fit=known_fit,
+            known_fail=failed_from.get(("s2attn", "lora")),
+            granularity=args.granularity,
+            limit=args.bisect_limit,
+        )
+    except BudgetSpent as spent:  # the longest length that fitted so far is a lower bound
+        cut_reason = str(spent)
+        probes = [(n, row["status"] == "ok") for n, row in probed.items()]
+        longest = max([known_fit] + [n for n, fitted in probes if fitted])
+    return {
+        "configuration": "s2attn + lora",
+        "granularity": args.granularity,
+        "limit": args.bisect_limit,
+        "longest_fitting_seq_len": longest,
+        "reached_limit": longest >= args.bisect_limit - args.granularity + 1,
+        "cut_by_budget": cut_reason is not None,
+        "cut_reason": cut_reason,
+        "probes": [
+            {
+                "seq_len": n,
+                "fits": f,
+                "status": probed[n]["status"],
+                "peak_gpu_memory_gib": probed[n].get("peak_gpu_memory_gib"),
+                "error": probed[n].get("error"),
+            }
+            for n, f in probes
+        ],
+    }
+
+
+def plan(args) -> dict:
+    """--dry-run: every configuration the sweep would run, its RunConfig built and checked as the child builds it,
+    and the bisection's bounds; "problems" names each one that would fail (nothing is run, torch is not imported)."""
+    from longctx.errors import UserError
+
+    problems: list[str] = []
+
+    def checked(seq_len: int, attention: str, training: str, warmup: int, steps: int) -> dict:
+        config = Configuration(
+            args.shape, seq_len, attention, training, str(args.preset), args.ds_config, warmup, steps,
+            args.memory_limit_gib,
+        )  # fmt: skip
+        where = f"N={seq_len} {attention} {training}"
+        try:
+            cfg = run_config(config)
+        except UserError as e:
+            problems.append(f"{where}: {e}")
+            return config.__dict__
+        group_size = cfg.group_size if attention == "s2attn" else None
+        if group_size and seq_len % group_size:  # build_model's check, made here before anything is built
+            problems.append(f"{where}: N is not a multiple of the S²-Attn group size {group_size}")
+        if group_size and SHAPES[args.shape]["num_attention_heads"] % 2:
+            problems.append(f"{where}: S²-Attn shifts half of the heads and needs an even head count")
+        return config.__dict__ | {"group_size": group_size, "deepspeed_config": cfg.deepspeed.config}
+
+    lengths = args.lengths or (TINY_LENGTHS if args.shape == "tiny" else GPU_LENGTHS)
+    configurations = [
+        checked(n, attention, training, args.warmup, args.steps)
+        for n in lengths
+        for attention in args.attentions
+        for training in args.trainings
+    ]
+    bisection = None
+    if args.bisect_limit:
+        if args.bisect_limit < args.granularity:
+            problems.append(f"--bisect-limit {args.bisect_limit} is below --granularity {args.granularity}")
+        # Every probe is a multiple of the granularity: the smallest and the largest stand for the others.
+        probes = [checked(n, "s2attn", "lora", 0, 1) for n in (args.granularity, args.bisect_limit)]
+        bisection = {"limit": args.bisect_limit, "granularity": args.granularity, "probe_bounds": probes}
+    return {
+        "dry_run": True,
+        "shape": args.shape,
+        "preset": str(args.preset),
+        "budget_s": args.budget_s,
+        "configurations": configurations,
+        "bisection": bisection,
+        "problems": problems,
     }
 
 
@@ -503,6 +634,11 @@ def main() -> None:
     parser.add_argument("--attention", choices=ATTENTIONS, default="s2attn")
     parser.add_argument("--training", choices=TRAININGS, default="lora")
     parser.add_argument("--out", type=Path, help="JSON path (default results/train_step_<device>_<shape>.json)")
+    parser.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS), help="sweep these")
+    parser.add_argument("--trainings", nargs="+", choices=TRAININGS, default=list(TRAININGS), help="sweep only these")
+    parser.add_argument("--budget-s", type=float, help="sweep: wall-clock budget in seconds (see the docstring)")
+    parser.add_argument("--memory-limit-gib", type=float, help="cap each configuration's GPU memory (e.g. 79.6)")
+    parser.add_argument("--dry-run", action="store_true", help="sweep: check and print the plan, run nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -511,6 +647,12 @@ def main() -> None:
     args.granularity = args.granularity or (256 if tiny else 8192)
     if args.bisect_limit is None:
         args.bisect_limit = 4096 if tiny else 524288
+    if args.sweep and args.dry_run:
+        report = plan(args)
+        print(json.dumps(report, indent=2))
+        if args.out:
+            write_json(report, args.out)
+        sys.exit("\n".join(["train_step plan problems:", *report["problems"]]) if report["problems"] else 0)
     if args.sweep:
         report = sweep(args)
         out = args.out or RESULTS / f"train_step_{report['device']}_{args.shape}.json"
@@ -529,6 +671,7 @@ def main() -> None:
         args.ds_config,
         args.warmup,
         args.steps,
+        args.memory_limit_gib,
     )
     row = measure_in_fresh_process(config)
     import torch

@@ -34,6 +34,8 @@ def add_prep_commands(commands) -> None:
     pack.add_argument("--text-field", dest="text_field", help="JSONL field / parquet column with the text")
     pack.add_argument("--no-bos", dest="add_bos", action="store_const", const=False, help="no BOS per document")
     pack.add_argument("--no-eos", dest="add_eos", action="store_const", const=False, help="no EOS per document")
+    pack.add_argument("--doc-start", dest="doc_start", metavar="TOKEN", help="token before each document (auto, none)")
+    pack.add_argument("--doc-end", dest="doc_end", metavar="TOKEN", help="token after each document (auto, none)")
     pack.add_argument("--min-doc-tokens", type=int, dest="min_doc_tokens", help="drop shorter documents")
     pack.add_argument("--max-doc-tokens", type=int, dest="max_doc_tokens", help="drop longer documents (0: no limit)")
     pack.add_argument("--dedup", action="store_const", const=True, help="drop exact duplicate documents")
@@ -59,8 +61,8 @@ def add_prep_commands(commands) -> None:
 
 
 _PACK_FIELDS = (
-    "inputs weights tokenizer seq_len out glob text_field add_bos add_eos min_doc_tokens max_doc_tokens dedup "
-    "val_fraction seed shuffle tail sequences_per_shard num_workers window_docs token_dtype strict"
+    "inputs weights tokenizer seq_len out glob text_field add_bos add_eos doc_start doc_end min_doc_tokens "
+    "max_doc_tokens dedup val_fraction seed shuffle tail sequences_per_shard num_workers window_docs token_dtype strict"
 ).split()
 
 

@@ -20,6 +20,7 @@ identity, written first), `prep_config.yaml` (the PrepConfig, loadable with `loa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -279,10 +280,11 @@ def pack(config: PrepConfig, *, overwrite: bool = False, progress: bool = True) 
     if not config.out:
         raise UserError("no output directory: give --out DIR")
     check_inputs(config.inputs)
+    # Recorded by absolute path, so that `prep inspect`, training and export find it from any directory.
+    config = dataclasses.replace(config, tokenizer=str(Path(config.tokenizer).resolve()))
     tokenizer = load_tokenizer(config.tokenizer)
     dtype = token_dtype_for(tokenizer.vocab_size, config.token_dtype)
-    if config.add_bos and tokenizer.bos_id is None or config.add_eos and tokenizer.eos_id is None:
-        raise UserError("the tokenizer has no BOS/EOS token: use --no-bos / --no-eos, or a tokenizer that has them")
+    document_delimiters(config, tokenizer)  # a token that does not exist is an error before anything is written
     out = Path(config.out)
     fingerprint = _fingerprint(config, tokenizer.identity)
     status = _prepare_out_dir(out, fingerprint, overwrite)
@@ -312,6 +314,18 @@ def pack(config: PrepConfig, *, overwrite: bool = False, progress: bool = True) 
     return summary
 
 
+def document_delimiters(config: PrepConfig, tokenizer) -> tuple[int | None, int | None]:
+    """(id before, id after) each document, None for none: prep.doc_start / doc_end, switched by add_bos / add_eos."""
+    for wanted, choice, which in ((config.add_bos, config.doc_start, "BOS"), (config.add_eos, config.doc_end, "EOS")):
+        if wanted and choice == "auto" and (tokenizer.bos_id if which == "BOS" else tokenizer.eos_id) is None:
+            raise UserError(
+                f"the tokenizer has no {which} token: use --no-{which.lower()}, name a token with "
+                f"--doc-{'start' if which == 'BOS' else 'end'}, or use a tokenizer that has one"
+            )
+    start_id, end_id = tokenizer.document_delimiters(config.doc_start, config.doc_end)
+    return (start_id if config.add_bos else None), (end_id if config.add_eos else None)
+
+
 def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -334,9 +348,10 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
     if state and config.dedup:
         seen_hashes = set(np.load(out / state["dedup_file"], allow_pickle=False).tolist())
     weights = config.weights or [1.0] * len(config.inputs)
-    bos = np.array([tokenizer.bos_id] if config.add_bos else [], dtype=dtype)
-    eos = np.array([tokenizer.eos_id] if config.add_eos else [], dtype=dtype)
-    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    start_id, end_id = document_delimiters(config, tokenizer)
+    bos = np.array([] if start_id is None else [start_id], dtype=dtype)
+    eos = np.array([] if end_id is None else [end_id], dtype=dtype)
+    pad_id = next(i for i in (tokenizer.pad_id, end_id, tokenizer.eos_id, 0) if i is not None)
 
     items = iter_corpus(config.inputs, glob=config.glob, text_field=config.text_field, strict=config.strict)
     items = itertools.islice(items, stats["source_items"], None)  # resume: skip what earlier runs consumed
@@ -381,8 +396,9 @@ def _run(config: PrepConfig, tokenizer, dtype: np.dtype, out: Path, state, progr
             {
                 "split": name,
                 "vocab_size": tokenizer.vocab_size,
-                "tokenizer": tokenizer.identity,
-                "special_ids": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
+                "tokenizer": {**tokenizer.identity, "path": config.tokenizer},
+                # bos / eos: the ids each document starts / ends with here (None: none), see doc_start / doc_end
+                "special_ids": {"bos": start_id, "eos": end_id, "pad": tokenizer.pad_id},
                 "add_bos": config.add_bos,
                 "add_eos": config.add_eos,
                 "pad_value": pad_id,

@@ -25,7 +25,20 @@ from longctx.errors import UserError
 
 # LLaMA's layout: <unk>=0, <s>=1, </s>=2; the pad id goes after them (LLaMA itself has none).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# The files that decide how text is encoded: the tokenizer's identity is their hash.
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# Files a model directory carries beside them (the chat template, slow-tokenizer vocabularies): copied with it.
+_HF_TOKENIZER_EXTRAS = ("chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
+# Special tokens that mark chat turns, not documents. An instruct model's tokenizer may name them as its BOS/EOS
+# (SmolLM2-Instruct: <|im_start|> / <|im_end|>); a corpus of plain documents must not be wrapped in them.
+CHAT_TURN_TOKENS = frozenset(
+    {
+        "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<start_of_turn>",
+        "<end_of_turn>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
+    }
+)  # fmt: skip
+# End-of-document tokens in chat models' vocabularies, by preference, for when their EOS is a chat-turn marker.
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
 def _sha256_of_files(paths: list[Path]) -> str:
@@ -68,6 +81,39 @@ class Tokenizer(abc.ABC):
     def decode(self, ids) -> str: ...
 
     @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string of the vocabulary, or None when it has no such token."""
+
+    @abc.abstractmethod
+    def id_to_token(self, token_id: int) -> str: ...
+
+    def document_delimiters(self, start: str = "auto", end: str = "auto") -> tuple[int | None, int | None]:
+        """(id put before, id put after) each packed document; None: nothing.
+
+        auto: the tokenizer's BOS and EOS, unless one is a chat-turn marker (an instruct model's <|im_start|> /
+        <|im_end|>): then no start token, and the vocabulary's own end-of-document token (<|endoftext|>, ...) as
+        the end. "none": nothing. Any other value is a token of the vocabulary.
+        """
+        return self._delimiter(start, self.bos_id, "start"), self._delimiter(end, self.eos_id, "end")
+
+    def _delimiter(self, choice: str, default: int | None, which: str) -> int | None:
+        if choice == "none":
+            return None
+        if choice != "auto":
+            token_id = self.token_to_id(choice)
+            if token_id is None:
+                raise UserError(
+                    f"prep.doc_{which}={choice!r} is not a token of {self.path.name}: give one of its special tokens, "
+                    "auto or none"
+                )
+            return token_id
+        if default is None or self.id_to_token(default) not in CHAT_TURN_TOKENS:
+            return default
+        if which == "start":
+            return None
+        return next((i for i in map(self.token_to_id, DOCUMENT_END_TOKENS) if i is not None), None)
+
+    @abc.abstractmethod
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         """Write a tokenizer that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads."""
 
@@ -97,6 +143,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._sp.piece_to_id(token)
+        return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
 
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         from transformers import LlamaTokenizer
@@ -209,6 +262,12 @@ class HFTokenizer(Tokenizer):
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id)) or ""
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -216,9 +275,11 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save_hf(self, out_dir: str | os.PathLike) -> None:
+        """Copy every tokenizer file of the directory, the chat template among them."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for path in self.files:
+        extras = [self.path / name for name in _HF_TOKENIZER_EXTRAS if (self.path / name).is_file()]
+        for path in self.files + extras:
             shutil.copyfile(path, out_dir / path.name)
 
 
@@ -251,6 +312,49 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer(path / "tokenizer.model")
     raise UserError(f"{path} holds neither tokenizer.json nor tokenizer.model: give a Hugging Face tokenizer directory")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which tokenizer goes with a model and its shards
+# ----------------------------------------------------------------------------------------------------------------
+
+# Text whose encoding tells tokenizers apart when their files differ (a HF re-save of a sentencepiece model).
+TOKENIZER_PROBE = "def extend(context):\n    return context * 8  # long contexts, déjà vu, 東京 😀 1234567"
+
+
+def model_tokenizer(model_path: str | os.PathLike | None) -> Tokenizer | None:
+    """The tokenizer saved in a model directory, or None (no directory: a random init; or none saved there)."""
+    path = Path(model_path) if model_path else None
+    if path is None or not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        return None
+    return load_tokenizer(path)
+
+
+def packed_with(manifest: dict) -> Tokenizer | None:
+    """The tokenizer a shard set was packed with, when it still exists where the manifest recorded it."""
+    path = manifest.get("tokenizer", {}).get("path") or manifest.get("prep_config", {}).get("tokenizer", "")
+    return load_tokenizer(path) if path and Path(path).exists() else None
+
+
+def check_shards_tokenizer(model_path: str | os.PathLike | None, manifest: dict, shards_dir: str | os.PathLike) -> None:
+    """Refuse shards packed with another tokenizer than the model's own (when the model directory has one).
+
+    Identical files pass at once; different files (e.g. the same sentencepiece model re-saved in HF format) pass
+    only if the tokenizer the shards were packed with still exists and encodes a probe text identically.
+    """
+    tokenizer = model_tokenizer(model_path)
+    if tokenizer is None or tokenizer.identity["sha256"] == manifest["tokenizer"]["sha256"]:
+        return
+    other = packed_with(manifest)
+    if other is not None:
+        signature = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.encode(TOKENIZER_PROBE))
+        if signature(other) == signature(tokenizer):
+            return
+    raise UserError(
+        f"shards in {shards_dir} were packed with tokenizer {manifest['tokenizer']['name']} "
+        f"(sha256 {manifest['tokenizer']['sha256'][:12]}), which differs from the one in model.path={model_path}: "
+        "re-pack the data with the model's tokenizer (longctx prep pack --tokenizer <model dir>)"
+    )
 
 
 def train_sentencepiece(

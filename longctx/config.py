@@ -52,9 +52,15 @@ class PrepConfig:
     text_field: str = "text"
     """Field (JSONL) or column (parquet, HF dataset) holding the document text."""
     add_bos: bool = True
-    """Put the tokenizer's BOS token before each document."""
+    """Put a document-start token (doc_start) before each document."""
     add_eos: bool = True
-    """Put the tokenizer's EOS token after each document."""
+    """Put a document-end token (doc_end) after each document."""
+    doc_start: str = "auto"
+    """Document-start token. auto: the tokenizer's BOS, unless it is a chat-turn marker (an instruct model's
+    <|im_start|>), then none; none; or a token of the vocabulary."""
+    doc_end: str = "auto"
+    """Document-end token. auto: the tokenizer's EOS, unless it is a chat-turn marker (<|im_end|>, <|eot_id|>), then
+    the vocabulary's end-of-text token (<|endoftext|>, <|end_of_text|>, ...); none; or a token of the vocabulary."""
     min_doc_tokens: int = 0
     """Drop documents shorter than this many tokens (long-context corpora keep only long documents)."""
     max_doc_tokens: int = 0

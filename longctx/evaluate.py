@@ -375,36 +375,56 @@ def passkey_line(passkey: str) -> str:
 @dataclass
 class PasskeyPrompt:
     token_ids: list[int]
-    """Exactly the asked number of tokens: BOS, task, filler, the key line at the asked depth, filler, question."""
+    """At most the asked number of tokens: the document start token (if any), then ONE text encoded once."""
     passkey: str
     key_position: int
-    """Index of the key line's first token in token_ids."""
+    """Index in token_ids of the key line's first token (which carries the space before it, as "▁The" would)."""
+    text: str
+    """The text that was encoded."""
+
+
+def passkey_text(num_filler: int, num_before: int, passkey: str) -> str:
+    """Task, `num_before` filler sentences, the key line, the other filler sentences, the question; one space
+    between sentences, as a person would write it (separately encoded pieces lose those spaces under byte-level BPE)."""
+    filler = [PASSKEY_FILLER] * num_filler
+    return " ".join([PASSKEY_TASK, *filler[:num_before], passkey_line(passkey), *filler[num_before:], PASSKEY_QUESTION])
 
 
 def passkey_prompt(tokenizer, context_length: int, depth: float, passkey: str) -> PasskeyPrompt:
-    """A prompt of exactly `context_length` tokens with the passkey line at `depth` of the filler.
+    """The longest prompt of at most `context_length` tokens, with the key line after `depth` of the filler sentences
+    (0: right after the task, 1: right before the question).
 
-    depth 0 puts the key line right after the task, depth 1 right before the question; in between, that fraction
-    of the filler tokens comes before it (rounded to whole filler sentences). Pieces are tokenized separately and
-    concatenated, so lengths are exact for any tokenizer.
+    The prompt is one text encoded once, so every tokenizer sees it as it would see real text; its length is then
+    within one filler sentence (~25 tokens) of `context_length`, found by bisection over the number of sentences.
     """
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"passkey depth {depth} is outside [0, 1]: 0 is the start of the text, 1 its end")
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
-    head = bos + tokenizer.encode(PASSKEY_TASK)
-    key_line = tokenizer.encode(passkey_line(passkey))
-    question = tokenizer.encode(PASSKEY_QUESTION)
-    filler_unit = tokenizer.encode(PASSKEY_FILLER)
-    if not filler_unit:
-        raise UserError("the tokenizer encodes the passkey filler text to no tokens: give a working --tokenizer")
-    num_filler = context_length - len(head) - len(key_line) - len(question)
-    if num_filler < len(filler_unit):
-        shortest = context_length - num_filler + len(filler_unit)
+    start = _prompt_start(tokenizer)
+
+    def encoded(num_filler: int) -> tuple[list[int], str, int]:
+        num_before = round(depth * num_filler)
+        text = passkey_text(num_filler, num_before, passkey)
+        return start + tokenizer.encode(text), text, num_before
+
+    if len(encoded(1)[0]) > context_length:
+        shortest = len(encoded(1)[0])
         raise UserError(f"passkey length {context_length} is too short for the prompt: use lengths >= {shortest}")
-    filler = (filler_unit * (num_filler // len(filler_unit) + 1))[:num_filler]
-    num_before = min(round(depth * num_filler / len(filler_unit)) * len(filler_unit), num_filler)
-    token_ids = head + filler[:num_before] + key_line + filler[num_before:] + question
-    return PasskeyPrompt(token_ids, passkey, key_position=len(head) + num_before)
+    low, high = 1, max(2, context_length)  # every filler sentence is at least one token
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if len(encoded(middle)[0]) <= context_length else (low, middle)
+    token_ids, text, num_before = encoded(low)
+    before_key = text[: text.index(passkey_line(passkey))].rstrip(" ")
+    key_position = len(start + tokenizer.encode(before_key))
+    return PasskeyPrompt(token_ids, passkey, key_position, text)
+
+
+def _prompt_start(tokenizer) -> list[int]:
+    """What a document of the training data starts with: the tokenizer's document-start token (its BOS, unless that is
+    an instruct model's chat-turn marker), or nothing."""
+    delimiters = getattr(tokenizer, "document_delimiters", None)
+    start = delimiters()[0] if delimiters is not None else tokenizer.bos_id
+    return [start] if start is not None and start >= 0 else []
 
 
 def greedy_generator(model) -> Callable[[list[int], int], list[int]]:
@@ -450,7 +470,8 @@ def passkey_accuracy(
 
     Keys are random 5-digit numbers from `seed` (the same keys for every model). The answer is greedily decoded
     and its first number must equal the key. Under torch.distributed the trials are spread over the ranks and the
-    counts all-reduced. Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length]}.
+    results gathered. Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length], "answers":
+    one {length, depth, key, prompt_tokens, answer, correct} per trial}.
     """
     from tqdm.auto import tqdm
 
@@ -467,13 +488,28 @@ def passkey_accuracy(
         passkey_prompt(tokenizer, length, 0.0, "0" * PASSKEY_DIGITS)
     max_new_tokens = len(tokenizer.encode(" " + "9" * PASSKEY_DIGITS + ".")) + 2
     rank, world_size = _rank_and_world()
-    correct = torch.zeros(len(context_lengths), len(depths), dtype=torch.float64)
+    answers: list[dict[str, Any] | None] = [None] * len(tasks)
     for index in tqdm(range(rank, len(tasks), world_size), desc="passkey", disable=not progress or rank != 0):
         i, j, key = tasks[index]
         prompt = passkey_prompt(tokenizer, context_lengths[i], depths[j], key)
         answer = tokenizer.decode(generate(prompt.token_ids, max_new_tokens))
-        correct[i, j] += extract_passkey(answer) == key
+        answers[index] = {
+            "length": context_lengths[i],
+            "depth": depths[j],
+            "key": key,
+            "prompt_tokens": len(prompt.token_ids),
+            "answer": answer,
+            "correct": extract_passkey(answer) == key,
+        }
+    correct = torch.zeros(len(context_lengths), len(depths), dtype=torch.float64)
+    for (i, j, _), answer in zip(tasks, answers):
+        correct[i, j] += answer is not None and answer["correct"]
     if world_size > 1:
+        # Each rank answered every world_size-th trial: gather the answers (small Python objects), then sum the
+        # counts with the all-reduce that waits for gloo to release its buffer (the last collective of the run).
+        gathered: list[list[dict[str, Any] | None]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(gathered, answers)
+        answers = [next(a[index] for a in gathered if a[index] is not None) for index in range(len(tasks))]
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         correct = _all_reduce_sum(correct.to(device)).cpu()
     return {
@@ -481,6 +517,7 @@ def passkey_accuracy(
         "depths": list(depths),
         "trials": num_trials,
         "accuracy": (correct / num_trials).tolist(),
+        "answers": answers,
     }
 
 

@@ -185,20 +185,17 @@ def _check_adapter_possible(cfg: RunConfig) -> None:
 
 def resolve_tokenizer(cfg: RunConfig, explicit: str | os.PathLike | None):
     """--tokenizer, else the one in model.path, else the one the training shards were packed with; or None."""
-    from data_prep.tokenizer import load_tokenizer
-    from longctx.trainer import model_tokenizer
+    from data_prep.tokenizer import load_tokenizer, model_tokenizer, packed_with
 
     if explicit:
         return load_tokenizer(explicit)
-    tokenizer = model_tokenizer(cfg)
+    tokenizer = model_tokenizer(cfg.model.path)
     if tokenizer is not None:
         return tokenizer
     if cfg.data.train and Path(cfg.data.train).is_dir():
         from longctx.shards import open_shards
 
-        packed_with = open_shards(cfg.data.train).manifest.get("prep_config", {}).get("tokenizer", "")
-        if packed_with and Path(packed_with).exists():
-            return load_tokenizer(packed_with)
+        return packed_with(open_shards(cfg.data.train).manifest)
     return None
 
 

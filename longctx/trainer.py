@@ -167,6 +167,7 @@ def lr_lambda(cfg: RunConfig):
 
 def load_train_dataset(cfg: RunConfig, hf_config):
     """data.train as a PackedDataset, refused unless its seq_len, vocabulary and tokenizer are the model's."""
+    from data_prep.tokenizer import check_shards_tokenizer
     from longctx.data import PackedDataset
 
     if not cfg.data.train:
@@ -177,57 +178,15 @@ def load_train_dataset(cfg: RunConfig, hf_config):
         vocab_size=hf_config.vocab_size,
         isolate_documents=cfg.attention.isolate_documents,
     )
-    check_tokenizer(cfg, dataset.manifest)
+    check_shards_tokenizer(cfg.model.path, dataset.manifest, cfg.data.train)
     return dataset
-
-
-# Text whose encoding tells tokenizers apart when their files differ (a HF re-save of a sentencepiece model).
-TOKENIZER_PROBE = "def extend(context):\n    return context * 8  # long contexts, déjà vu, 東京 😀 1234567"
-
-
-def model_tokenizer(cfg: RunConfig):
-    """The tokenizer saved in model.path, or None (random-init model, or a directory without one)."""
-    from data_prep.tokenizer import load_tokenizer
-
-    path = Path(cfg.model.path) if cfg.model.path else None
-    if path is None or not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        return None
-    return load_tokenizer(path)
-
-
-def check_tokenizer(cfg: RunConfig, manifest: dict[str, Any]) -> None:
-    """Refuse shards packed with another tokenizer than the model's own (when the model directory has one).
-
-    Identical files pass at once; different files (e.g. the same sentencepiece model re-saved in HF format) pass
-    only if the tokenizer the shards were packed with still exists and encodes a probe text identically.
-    """
-    from data_prep.tokenizer import load_tokenizer
-
-    tokenizer = model_tokenizer(cfg)
-    if tokenizer is None or tokenizer.identity["sha256"] == manifest["tokenizer"]["sha256"]:
-        return
-    packed_with = Path(manifest.get("prep_config", {}).get("tokenizer", ""))
-    if packed_with.name and packed_with.exists():
-        other = load_tokenizer(packed_with)
-        signature = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.encode(TOKENIZER_PROBE))
-        if signature(other) == signature(tokenizer):
-            return
-    raise UserError(
-        f"shards in {cfg.data.train} were packed with tokenizer {manifest['tokenizer']['name']} "
-        f"(sha256 {manifest['tokenizer']['sha256'][:12]}), which differs from the one in model.path={cfg.model.path}: "
-        "re-pack the data with the model's tokenizer (longctx prep pack --tokenizer <model dir>)"
-    )
 
 
 def shards_tokenizer(cfg: RunConfig, dataset):
     """The tokenizer saved with the final model: the model's own, else the one the shards were packed with."""
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import model_tokenizer, packed_with
 
-    tokenizer = model_tokenizer(cfg)
-    if tokenizer is not None:
-        return tokenizer
-    packed_with = getattr(dataset, "manifest", {}).get("prep_config", {}).get("tokenizer", "")
-    return load_tokenizer(packed_with) if packed_with and Path(packed_with).exists() else None
+    return model_tokenizer(cfg.model.path) or packed_with(getattr(dataset, "manifest", {}))
 
 
 def micro_batches(dataset, sampler, micro_batch_size: int):

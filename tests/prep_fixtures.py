@@ -49,9 +49,9 @@ def read_documents(shard_dir: Path, *, strip_specials: bool = True) -> list[list
     if strip_specials:
         bos, eos = manifest["special_ids"]["bos"], manifest["special_ids"]["eos"]
         for doc in docs:
-            if manifest["add_bos"]:
+            if bos is not None:
                 assert doc[0] == bos
                 del doc[0]
-            if manifest["add_eos"] and doc and doc[-1] == eos:
+            if eos is not None and doc and doc[-1] == eos:
                 del doc[-1]
     return docs

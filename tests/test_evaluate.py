@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from longctx.errors import UserError
 from longctx.evaluate import (
+    PASSKEY_FILLER,
+    PASSKEY_TASK,
     check_context_reach,
     extract_passkey,
     greedy_generator,
@@ -185,20 +187,50 @@ def test_learned_positions_cannot_reach_past_their_table():
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
 @pytest.mark.parametrize("context_length", [400, 1000])
-def test_passkey_prompt_has_the_length_and_the_key_at_the_depth(depth, context_length):
+def test_passkey_prompt_is_one_text_of_the_length_with_the_key_at_the_depth(depth, context_length):
     tokenizer = ByteTokenizer()
     prompt = passkey_prompt(tokenizer, context_length, depth, "48213")
-    assert len(prompt.token_ids) == context_length
-    text = tokenizer.decode(prompt.token_ids)
+    sentence = len(PASSKEY_FILLER) + 1  # one filler sentence and its space, in bytes = tokens here
+    assert context_length - sentence < len(prompt.token_ids) <= context_length
+    assert prompt.token_ids[0] == ByteTokenizer.bos_id and tokenizer.decode(prompt.token_ids) == prompt.text
+    text = prompt.text
     key_line = "The pass key is 48213. Remember it. 48213 is the pass key."
     assert text.count("48213") == 2 and text.endswith("What is the pass key? The pass key is")
     key_at = prompt.key_position
-    assert tokenizer.decode(prompt.token_ids[key_at : key_at + len(key_line)]) == key_line
-    # Depth is measured over the filler between the task and the question, to within one filler sentence.
-    filler_start = text.index("The grass")
-    filler_end = len(prompt.token_ids) - len("What is the pass key? The pass key is") - len(key_line)
-    filler_before = key_at - filler_start
-    assert abs(filler_before / (filler_end - filler_start) - depth) <= 90 / (filler_end - filler_start)
+    # The key line's first token carries the space before it (as "▁The" / "ĠThe" would): one byte more here.
+    assert tokenizer.decode(prompt.token_ids[key_at : key_at + 1 + len(key_line)]) == " " + key_line
+    # Depth is measured in filler sentences between the task and the question, to within one sentence.
+    num_filler = text.count(PASSKEY_FILLER)
+    num_before = text[: text.index(key_line)].count(PASSKEY_FILLER)
+    assert abs(num_before / num_filler - depth) <= 1 / num_filler
+
+
+def test_passkey_prompt_keeps_its_spaces_under_byte_level_bpe():
+    # GPT-2-style byte-level BPE (SmolLM2, Llama-3, Qwen) marks a leading space inside the token ("ĠThe"): pieces
+    # encoded apart and concatenated lost those spaces ("...back again.The pass key is ...").
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    text = " ".join([PASSKEY_TASK, PASSKEY_FILLER, "The pass key is 12345. Remember it.", "What is the pass key?"])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte has a token, as in GPT-2's vocabulary
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator([text] * 20, trainer)
+
+    class ByteLevelTokenizer:
+        bos_id = None
+
+        def encode(self, text):
+            return tokenizer.encode(text).ids
+
+        def decode(self, ids):
+            return tokenizer.decode(ids)
+
+    prompt = passkey_prompt(ByteLevelTokenizer(), 300, 0.5, "48213")
+    decoded = ByteLevelTokenizer().decode(prompt.token_ids)
+    assert decoded == prompt.text and "again. The pass key is 48213. Remember it. 48213 is the pass key. The" in decoded
+    assert decoded.endswith("again. What is the pass key? The pass key is")
 
 
 def test_passkey_prompt_too_short_is_refused():
@@ -219,6 +251,11 @@ def test_scorer_counts_right_and_wrong_answers():
     lengths, depths = [400, 600], [0.0, 0.5, 1.0]
     perfect = passkey_accuracy(oracle, tokenizer, lengths, depths, num_trials=3, seed=7)
     assert perfect["accuracy"] == [[1.0] * 3] * 2 and perfect["lengths"] == lengths and perfect["depths"] == depths
+    # Every trial is recorded with its answer, for inspection.
+    assert len(perfect["answers"]) == 2 * 3 * 3 and all(a["correct"] for a in perfect["answers"])
+    first = perfect["answers"][0]
+    assert first["length"] == 400 and first["depth"] == 0.0 and first["answer"].strip(" .") == first["key"]
+    assert first["prompt_tokens"] <= 400
     assert passkey_accuracy(wrong, tokenizer, lengths, depths, num_trials=3, seed=7)["accuracy"] == [[0.0] * 3] * 2
 
 

@@ -167,9 +167,33 @@ def _run_plan(args) -> int:
     return run_plan(args)
 
 
+def quiet_libraries(debug: bool) -> None:
+    """No library warning the user cannot act on in a normal run (--debug shows them all).
+
+    Deprecations inside DeepSpeed, transformers, peft and torch; transformers' and bitsandbytes' advisory log lines
+    (bitsandbytes names an optional CPU kernel package on every import); DeepSpeed's guess of the accelerator. The
+    settings go through the environment too, so the ranks a launcher starts and the prep workers inherit them.
+    """
+    import logging
+    import os
+    import warnings
+
+    if debug:
+        os.environ["LONGCTX_DEBUG"] = "1"
+        return
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its fork warning under prep's and torch's workers
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("bitsandbytes", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args.debug)
     try:
         return int(args.run(args) or 0)
     except UserError as e:

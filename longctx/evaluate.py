@@ -429,9 +429,13 @@ def _prompt_start(tokenizer) -> list[int]:
 
 def greedy_generator(model) -> Callable[[list[int], int], list[int]]:
     """generate(prompt_ids, max_new_tokens) → new token ids, by greedy decoding with the model's KV cache."""
+    import inspect
+
     device = next(model.parameters()).device
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    # transformers renamed the KV cache argument and output field (past_key_values -> cache, the old one deprecated)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -444,7 +448,7 @@ def greedy_generator(model) -> Callable[[list[int], int], list[int]]:
                 break
             new_ids.append(next_id)
             next_input = torch.tensor([[next_id]], device=device)
-            output = model(input_ids=next_input, past_key_values=output.past_key_values, use_cache=True)
+            output = model(input_ids=next_input, use_cache=True, **{cache_name: getattr(output, cache_name)})
         return new_ids
 
     return generate

@@ -182,7 +182,11 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
         apply_tiled_mlp(model, cfg.memory.tiled_mlp_shards)
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if not cfg.lora.enabled:
         model.requires_grad_(True)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -98,6 +99,8 @@ OOM_MESSAGE = (
 
 def init_distributed() -> None:
     """Join the launcher's process group, or make a 1-rank group when started without a launcher."""
+    # Said, not guessed: DeepSpeed otherwise warns on every rank of a CPU run that it fell back to the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -109,11 +112,15 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        # DeepSpeed prints a line each time it loads its CPU communication op: shown with --debug only.
+        debug = os.environ.get("LONGCTX_DEBUG")
+        chatter = contextlib.nullcontext() if debug else contextlib.redirect_stdout(io.StringIO())
         try:
-            deepspeed.init_distributed(
-                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                timeout=datetime.timedelta(seconds=int(os.environ.get("LONGCTX_RENDEZVOUS_TIMEOUT_S", 1800))),
-            )
+            with chatter:
+                deepspeed.init_distributed(
+                    dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                    timeout=datetime.timedelta(seconds=int(os.environ.get("LONGCTX_RENDEZVOUS_TIMEOUT_S", 1800))),
+                )
         except (RuntimeError, dist.DistError) as e:  # the store's timeout or refusal: say which address it tried
             raise UserError(
                 f"rendezvous with rank 0 at MASTER_ADDR:MASTER_PORT={address} failed ({str(e).splitlines()[0]}): "
@@ -294,14 +301,14 @@ def startup_stage(what: str, fix: str):
 
 def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     """Process group, DeepSpeed JSON, model, data, engine, and the checkpoint to resume from: everything but steps."""
+    # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
+    init_distributed()  # first: it names the accelerator before DeepSpeed is imported
     import deepspeed
 
     from longctx.data import ResumableDistributedSampler
 
-    # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
-    init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     ds_config = resolve_deepspeed_config(cfg, world_size)
     sp = parallel.init_sequence_parallel(cfg.parallel.sequence_parallel_size)

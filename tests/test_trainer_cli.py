@@ -5,6 +5,7 @@ Plus the shard checks: vocabulary and tokenizer must be the model's."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,9 @@ def test_base_then_longlora_stage_on_real_shards(corpus, tmp_path):
     assert AutoConfig.from_pretrained(final).max_position_embeddings == 64
     assert AutoTokenizer.from_pretrained(final).vocab_size == VOCAB
     assert "done: step 3" in base.stdout
+    # Quiet by default: no library warning, deprecation or DeepSpeed chatter a user cannot act on.
+    noise = re.findall(r".*(?:Warning|WARNING|deprecated|built successfully).*", base.stdout + base.stderr)
+    assert not noise, noise
 
     shards128 = pack_shards(corpus, corpus / "tok.model", 128, tmp_path / "shards128")
     extended = longctx_train(

@@ -146,20 +146,35 @@ class ModelConfig:
 
 @dataclass
 class RopeConfig:
-    """RoPE position scaling (position interpolation and its variants)."""
+    """RoPE position scaling (position interpolation and its variants), resolved against the model's own config.json
+    by `longctx.model.resolve_rope`: the model's trained context and RoPE scaling win over numbers in a preset."""
 
-    type: Literal["linear", "dynamic", "yarn", "none"] = "linear"
-    """linear: position interpolation (LongLoRA); dynamic: dynamic NTK; yarn: YaRN; none: no scaling."""
+    type: Literal["linear", "dynamic", "yarn", "llama3", "none"] = "linear"
+    """How train.seq_len is reached. On a model without RoPE scaling: linear (position interpolation, LongLoRA),
+    dynamic (dynamic NTK: RoPE unchanged up to train.seq_len, NTK-scaled beyond), yarn (YaRN). On a model that has RoPE
+    scaling already: its own type, factor multiplied (linear: exactly interpolation on top of it; yarn, llama3: that
+    scheme at the longer context). none: RoPE left as the model has it."""
     original_context: int = 0
-    """The base model's trained context (0: the model config's max_position_embeddings)."""
+    """The context the model was trained to. 0: from its config.json (max_position_embeddings, or the reach of its
+    RoPE scaling when larger); any other value must agree with that unless rope.override_model is set."""
     factor: float = 0.0
-    """Scaling factor (0: train.seq_len / original_context)."""
+    """How far the context is extended. 0: train.seq_len / original_context; any other value must equal that unless
+    rope.override_model is set."""
+    override_model: bool = False
+    """Use rope.original_context / rope.factor where they contradict the model's config.json (a config.json that
+    understates the model's context, e.g. max_position_embeddings 4096 with linear scaling to 16384)."""
 
     def validate(self, errors: list[str]) -> None:
+        if self.original_context < 0:
+            errors.append(f"rope.original_context={self.original_context} is negative: use 0 (the model's context)")
         if self.factor < 0:
             errors.append(f"rope.factor={self.factor} is negative: use 0 (automatic) or a factor >= 1")
         if 0 < self.factor < 1:
             errors.append(f"rope.factor={self.factor} < 1 would shrink the context: use a factor >= 1")
+        if self.override_model and not (self.original_context or self.factor):
+            errors.append(
+                "rope.override_model=true overrides nothing: set rope.original_context or rope.factor, or drop it"
+            )
 
 
 @dataclass

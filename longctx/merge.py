@@ -305,7 +305,12 @@ def clean_config(hf_config, cfg: RunConfig, dtype: torch.dtype):
             delattr(target, attention._CONFIG_ATTRIBUTE)
     config.use_cache = True
     config.dtype = dtype
-    config.max_position_embeddings = max(config.max_position_embeddings, cfg.train.seq_len)
+    # Only where the frequencies do not read it: dynamic NTK computes from max_position_embeddings, and several
+    # transformers 4.x releases take YaRN's factor as max_position_embeddings / original_max_position_embeddings, so
+    # for those the value the run trained with is part of the model (train.seq_len unless rope.factor was overridden).
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type in ("default", "linear", "llama3"):
+        config.max_position_embeddings = max(config.max_position_embeddings, cfg.train.seq_len)
     return config
 
 
@@ -313,10 +318,15 @@ def add_legacy_rope_keys(config_file: Path) -> None:
     """Also write the RoPE scaling as transformers 4.x wrote it (`rope_scaling` with `type`, and `rope_theta`).
 
     transformers 5 reads `rope_scaling` in preference to `rope_parameters` and takes `rope_theta` from the top
-    level, so both spellings must say the same.
+    level, so both spellings must say the same: `rope_scaling` is `rope_parameters` without rope_theta, for every
+    rope_type (llama3's band factors, YaRN's original_max_position_embeddings and attention settings included). A
+    legacy `type` inside `rope_parameters` (from a base whose config.json spelled rope_scaling the 4.x way, which
+    transformers 5 keeps) is dropped there, so that `rope_type` alone names the type.
     """
     config = json.loads(config_file.read_text())
-    rope_parameters = config.get("rope_parameters") or {}
+    rope_parameters = {key: value for key, value in (config.get("rope_parameters") or {}).items() if key != "type"}
+    if rope_parameters:
+        config["rope_parameters"] = rope_parameters
     if rope_parameters.get("rope_type", "default") != "default":
         scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
         config["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}

@@ -16,12 +16,14 @@ kept where it matters by DeepSpeed: the optimizer holds fp32 master weights and 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from longctx.config import RunConfig
+from longctx.config import ConfigError, RunConfig
 from longctx.errors import UserError
 
 # Dense attention used for evaluation and whenever a model is loaded for inference.
@@ -77,23 +79,160 @@ def _checked_model_dir(path: str) -> Path:
     return model_dir
 
 
-def apply_rope_scaling(hf_config, cfg: RunConfig) -> None:
-    """Write position interpolation (linear / dynamic NTK / YaRN) into hf_config.rope_parameters.
+# How a run's rope.type extends a model, by the model's own rope_type. Every result is one rope_type that plain
+# transformers computes from the exported config.json, so the exported model is the model that was trained:
+# - an unscaled model takes linear, dynamic or yarn, written over its rope_theta. So does a dynamic NTK model: dynamic
+#   NTK leaves RoPE as it is up to max_position_embeddings, its trained context, so on every length up to the new one
+#   it is the unscaled model (its NTK extrapolation beyond its context is what the new scaling takes over);
+# - a linear model takes linear with the factors multiplied: interpolation on top of interpolation divides every
+#   frequency by both, exactly;
+# - a llama3 or yarn model takes its own type with its factor multiplied and the rest kept: that scheme at the longer
+#   context. Nothing else is exact: both leave their highest frequencies unscaled at any factor, so position
+#   interpolation on top (which divides those too) or another scheme has no form in one rope_type, and is refused.
+ROPE_EXTENSIONS = {
+    "default": ("linear", "dynamic", "yarn"),
+    "dynamic": ("linear", "dynamic", "yarn"),
+    "linear": ("linear",),
+    "llama3": ("llama3",),
+    "yarn": ("yarn",),
+}
+# What an unscaled (or dynamic) model's rope_parameters keep when a new scaling is written over them.
+_UNSCALED_KEYS = ("rope_theta", "partial_rotary_factor")
 
-    factor = rope.factor, or train.seq_len / the base context; max_position_embeddings grows to the new context.
+
+@dataclass
+class RopeScaling:
+    """What a run does to the model's RoPE: the result of `resolve_rope`."""
+
+    base_type: str
+    """The model's own rope_type ("default": no scaling)."""
+    original_context: int
+    """The context the extension starts from: rope.original_context, or the model's trained context."""
+    factor: float
+    """The extension: rope.factor, or train.seq_len / original_context."""
+    rope_parameters: dict | None
+    """The extended model's rope_parameters; None where the run leaves the model's RoPE as it is."""
+    max_position_embeddings: int
+    """original_context x factor: the extended context (the model's own where nothing changes)."""
+    problems: list[str]
+    """Contradictions between the run and the model, each naming its fix; apply_rope_scaling refuses any."""
+
+
+def trained_context(hf_config) -> tuple[int, str]:
+    """(the context the model was trained to, where that number comes from in its config).
+
+    max_position_embeddings, unless the model's llama3 / yarn scaling reaches further (original_max_position_embeddings
+    x factor): Qwen2.5 with YaRN keeps max_position_embeddings=32768 and reaches 4 x 32768. Llama-3.1 (llama3 factor 8
+    over 8192, max_position_embeddings 131072) is trained to 131072.
     """
-    if cfg.rope.type == "none":
-        return
-    original_context = cfg.rope.original_context or hf_config.max_position_embeddings
-    factor = cfg.rope.factor or cfg.train.seq_len / original_context
-    if factor <= 1.0:
-        return  # the base context already covers train.seq_len: nothing to interpolate
-    rope_parameters = dict(hf_config.rope_parameters or {"rope_theta": getattr(hf_config, "rope_theta", 10000.0)})
-    rope_parameters.update(rope_type=cfg.rope.type, factor=float(factor))
-    if cfg.rope.type in ("dynamic", "yarn"):
-        rope_parameters["original_max_position_embeddings"] = original_context
-    hf_config.rope_parameters = rope_parameters
-    hf_config.max_position_embeddings = int(round(original_context * factor))
+    params = hf_config.rope_parameters or {}
+    positions = hf_config.max_position_embeddings
+    original, factor = params.get("original_max_position_embeddings"), params.get("factor")
+    if _rope_type(params) in ("llama3", "yarn") and original and factor and original * factor > positions:
+        return int(round(original * factor)), f"rope_parameters: original_max_position_embeddings {original} x {factor}"
+    return positions, "max_position_embeddings"
+
+
+def resolve_rope(cfg: RunConfig, hf_config) -> RopeScaling:
+    """The run's RoPE settings against the model's config (before any scaling): what apply_rope_scaling writes, or
+    the problems that stop it. Needs no weights, so `longctx plan` and the launcher can check a run up front."""
+    rope, seq_len = cfg.rope, cfg.train.seq_len
+    base = dict(hf_config.rope_parameters or {"rope_theta": getattr(hf_config, "rope_theta", 10000.0)})
+    base_type = _rope_type(base)
+    trained, source = trained_context(hf_config)
+    original = rope.original_context or trained
+    factor = rope.factor or seq_len / original
+    scaling = RopeScaling(base_type, original, factor, None, hf_config.max_position_embeddings, [])
+    if rope.type == "none":
+        return scaling
+    model = f"model.path={cfg.model.path}" if cfg.model.path else "model.init"
+    if not rope.override_model:
+        scaling.problems += _contradictions(cfg, model, trained, source)
+    if factor <= 1.0:  # the model's context already covers train.seq_len: nothing to extend
+        return scaling
+    if base_type not in ROPE_EXTENSIONS:
+        scaling.problems.append(
+            f"{model} has RoPE scaling rope_type={base_type}, which longctx cannot extend (it extends unscaled, "
+            "linear, dynamic, yarn and llama3 models): set rope.type=none to train with the model's own RoPE"
+        )
+    elif rope.type not in ROPE_EXTENSIONS[base_type]:
+        scaling.problems.append(_inexact_composition(rope.type, base_type, base, factor, model))
+    else:
+        scaling.rope_parameters = _extended_rope_parameters(rope.type, base_type, base, original, factor)
+        scaling.max_position_embeddings = int(round(original * factor))
+    return scaling
+
+
+def check_rope(cfg: RunConfig, hf_config) -> list[str]:
+    """The problems with the run's RoPE settings for this model (empty: apply_rope_scaling will apply them)."""
+    return resolve_rope(cfg, hf_config).problems
+
+
+def apply_rope_scaling(hf_config, cfg: RunConfig) -> None:
+    """Write the run's RoPE scaling (see resolve_rope) into hf_config: rope_parameters, max_position_embeddings."""
+    scaling = resolve_rope(cfg, hf_config)
+    if scaling.problems:
+        raise ConfigError("; ".join(scaling.problems))
+    if scaling.rope_parameters is not None:
+        hf_config.rope_parameters = scaling.rope_parameters
+        hf_config.max_position_embeddings = scaling.max_position_embeddings
+
+
+def _rope_type(params: dict) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _contradictions(cfg: RunConfig, model: str, trained: int, source: str) -> list[str]:
+    """A preset's rope.original_context / rope.factor that disagree with the model (LLaMA-2's 4096 on an 8192 model
+    would interpolate twice as far as the run needs)."""
+    rope, seq_len, problems = cfg.rope, cfg.train.seq_len, []
+    if rope.original_context and rope.original_context != trained:
+        problems.append(
+            f"rope.original_context={rope.original_context} but {model} was trained to {trained} tokens ({source}): "
+            "remove rope.original_context from the preset/overrides (it defaults to the model's), or set "
+            "rope.override_model=true if the model's config.json is wrong"
+        )
+    original = rope.original_context or trained
+    if rope.factor and not math.isclose(rope.factor, seq_len / original):
+        problems.append(
+            f"rope.factor={rope.factor:g} but train.seq_len={seq_len} / the original context {original} = "
+            f"{seq_len / original:g}: remove rope.factor from the preset/overrides (it follows train.seq_len), or set "
+            "rope.override_model=true to use it anyway"
+        )
+    return problems
+
+
+def _extended_rope_parameters(kind: str, base_type: str, base: dict, original: int, factor: float) -> dict:
+    """The rope_parameters of `kind` extending a `base_type` model by `factor` (a pair of ROPE_EXTENSIONS)."""
+    if base_type in ("default", "dynamic"):
+        params = {key: value for key, value in base.items() if key in _UNSCALED_KEYS}
+        params.update(rope_type=kind, factor=float(factor))
+        if kind == "yarn":  # YaRN places its frequency ramp by the context it extends from
+            params["original_max_position_embeddings"] = original
+        return params
+    # The model's own scheme (legacy "type" dropped: rope_type is the one spelling transformers 5 writes).
+    params = {key: value for key, value in base.items() if key != "type"}
+    params["factor"] = float(base["factor"] * factor)
+    return params
+
+
+def _inexact_composition(kind: str, base_type: str, base: dict, factor: float, model: str) -> str:
+    alternatives = " or ".join(f"rope.type={t}" for t in ROPE_EXTENSIONS[base_type])
+    if base_type in ("default", "dynamic"):  # kind is llama3
+        return (
+            f"rope.type={kind} extends a model that already has llama3 scaling, and {model} has none: set "
+            f"{alternatives}"
+        )
+    why = {
+        "linear": "its frequencies are all divided by its factor, which only linear interpolation continues exactly",
+        "llama3": "llama3 keeps the highest frequencies unscaled at any factor, so no other scaling composes with it",
+        "yarn": "YaRN keeps the highest frequencies unscaled at any factor, so no other scaling composes with it",
+    }[base_type]
+    return (
+        f"rope.type={kind} cannot be composed with the {base_type} RoPE scaling of {model} in one rope_type ({why}): "
+        f"set {alternatives} (its factor {base['factor']:g} x {factor:g} = {base['factor'] * factor:g}, the rest of "
+        "its rope_parameters kept), or rope.type=none to train with its RoPE as it is"
+    )
 
 
 def _training_attention(cfg: RunConfig, hf_config) -> str:

@@ -193,7 +193,7 @@ def test_scaled_preset_configs_validate(preset, tmp_path):
     assert cfg.lora.target_modules == raw["lora"]["target_modules"] and cfg.lora.r == raw["lora"]["r"]
     assert cfg.quant.type == raw.get("quant", {}).get("type", "none")
     assert cfg.deepspeed.config == raw["deepspeed"]["config"]
-    assert cfg.rope.factor == raw["rope"]["factor"] and cfg.attention.implementation == "s2attn"
+    assert cfg.rope.type == raw["rope"]["type"] and cfg.attention.implementation == "s2attn"
     assert cfg.memory.tiled_mlp == raw.get("memory", {}).get("tiled_mlp", False)
 
 
@@ -225,8 +225,8 @@ def test_preset_trains_in_bf16_on_nccl_and_writes_checkpoint_and_final_model(run
     config = json.loads((final / "config.json").read_text())
     assert list(final.glob("*.safetensors")), sorted(p.name for p in final.iterdir())
     assert config["dtype"] == "bfloat16" and config["num_attention_heads"] == SCALED_HEADS[model_size(preset)][0]
-    assert config["rope_parameters"]["factor"] == raw["rope"]["factor"]
-    assert config["max_position_embeddings"] == raw["rope"]["original_context"] * raw["rope"]["factor"]
+    seq_len = min(raw["train"]["seq_len"], MAX_SEQ_LEN)  # interpolated from the scaled shape's 4096 positions
+    assert config["rope_parameters"]["factor"] == seq_len / 4096 and config["max_position_embeddings"] == seq_len
 
 
 @pytest.mark.gpu

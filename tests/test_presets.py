@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoConfig
 
 from longctx.config import RunConfig, load_config
 from longctx.ds_config import resolve_deepspeed_config
+from longctx.model import resolve_rope
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "launch" / "presets").glob("*.yaml"))
@@ -43,7 +45,9 @@ def test_llama2_presets_follow_the_longlora_recipe(preset):
     assert cfg.train.lr == (1e-5 if "70b" in preset.name else 2e-5)
     assert cfg.train.adam_betas == [0.9, 0.95] and cfg.train.schedule == "constant"
     assert cfg.group_size * 4 == cfg.train.seq_len
-    assert cfg.rope.type == "linear" and cfg.rope.factor == cfg.train.seq_len / 4096
+    # The interpolation follows the model: seq_len / 4096 on Llama-2's config.json, with no context in the preset.
+    rope = resolve_rope(cfg, AutoConfig.for_model("llama", max_position_embeddings=4096))
+    assert cfg.rope.type == "linear" and rope.factor == cfg.train.seq_len / 4096 and not rope.problems
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.trainable) == (8, 16, ["embed", "norm"])
 
 

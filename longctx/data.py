@@ -44,7 +44,8 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"shards in {directory} hold sequences of {m['seq_len']} tokens but the run trains on {seq_len}: "
                 f"set train.seq_len={m['seq_len']} or re-pack with --seq-len {seq_len}"
             )
-        if vocab_size is not None and m["vocab_size"] != vocab_size:
+        # An embedding table larger than the tokenizer is padding (Qwen2.5: 151,936 rows for 151,665 tokens).
+        if vocab_size is not None and m["vocab_size"] > vocab_size:
             raise UserError(
                 f"shards in {directory} use a vocabulary of {m['vocab_size']} tokens but the model has {vocab_size}: "
                 "pack with the model's own tokenizer (or set the model's vocab size to match)"

@@ -242,16 +242,7 @@ def _training_attention(cfg: RunConfig, hf_config) -> str:
         return "flash_attention_2"
     if implementation != "s2attn":
         return implementation
-    heads = hf_config.num_attention_heads
-    if heads % 2:
-        raise UserError(f"S²-Attn shifts half of the heads but the model has {heads} heads: use an even head count")
-    group_size = cfg.group_size
-    if cfg.train.seq_len % group_size:
-        raise UserError(
-            f"train.seq_len={cfg.train.seq_len} is not a multiple of the S²-Attn group size {group_size}: "
-            "pick attention.group_size (or group_size_ratio) so that it divides the sequence length"
-        )
-    from longctx import attention
+    from longctx import attention  # its group size is checked with the config (RunConfig.validate)
 
     attention.register(name="s2attn")
     return "s2attn"

@@ -8,9 +8,10 @@ sequence for heads [r·H/P, (r+1)·H/P) (kv heads likewise, replicated when P > 
 swaps back. The position ids are all-gathered too, so RoPE (applied before the swap, on local positions that are
 the full sequence's) and document isolation (segments from restarting positions) see the full sequence.
 
-S²-Attn shifts head h iff h >= H/2 by its GLOBAL index (DESIGN.md). A rank's slice of heads is all unshifted, all
-shifted, or (when the slice straddles H/2) half and half; `num_unshifted_heads` tells `s2_attention` which, so a run
-with P ranks computes the same function as one rank.
+S²-Attn shifts head h iff h >= floor(H/2) by its GLOBAL index (docs/s2attn.md), for any H. A rank's slice of heads
+is all unshifted, all shifted, or (when it straddles floor(H/2)) unshifted up to some head and shifted from it on;
+`num_unshifted_heads` tells `s2_attention` how many of the slice's heads are unshifted, so a run with P ranks computes
+the same function as one rank. Ulysses itself asks only that P divides H, and divides Hkv or is a multiple of it.
 
 parallel.sequence_parallel_mode=halo is S²-Attn's own, cheaper split (`halo_forward`): no all-to-all; each rank
 keeps its chunk (a multiple of G tokens) and its heads, and receives G/2 tokens of keys/values per layer from the
@@ -95,43 +96,21 @@ def layout(world_size: int, global_rank: int, sequence_parallel_size: int) -> tu
 
 
 def check_model(hf_config, sequence_parallel_size: int, seq_len: int, implementation: str) -> None:
-    """One-line UserError when the model's heads or the sequence length cannot be split over P ranks."""
-    size = sequence_parallel_size
+    """One-line UserError when the model's heads or the sequence length cannot be split over P ranks (the rules of
+    `longctx.feasibility.sequence_parallel_problems`, which `longctx plan` applies too)."""
+    from longctx.feasibility import sequence_parallel_problems
+
     text_config = hf_config.get_text_config()
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
-    problems = []
-    if implementation not in ULYSSES_ATTENTION:
-        problems.append(
-            f"attention.implementation={implementation} has no sequence-parallel version: use s2attn or sdpa"
-        )
-    if num_heads % size:
-        problems.append(
-            f"the model's {num_heads} attention heads do not divide over parallel.sequence_parallel_size={size}: "
-            "pick a degree that divides the head count"
-        )
-    elif implementation == "s2attn" and (num_heads // size) % 2:
-        problems.append(
-            f"S²-Attn under parallel.sequence_parallel_size={size} leaves {num_heads // size} head(s) per rank, but "
-            f"each rank needs an even number of heads: pick a degree that divides {num_heads // 2}"
-        )
-    if num_kv_heads % size and size % num_kv_heads:
-        problems.append(
-            f"the model's {num_kv_heads} key/value heads and parallel.sequence_parallel_size={size} do not divide "
-            "one another (Ulysses splits or replicates kv heads): pick a degree that divides the kv heads or a "
-            "multiple of them"
-        )
-    if seq_len % size:
-        problems.append(
-            f"train.seq_len={seq_len} is not a multiple of parallel.sequence_parallel_size={size}: "
-            "pick a sequence length that divides evenly"
-        )
+    problems = sequence_parallel_problems(num_heads, num_kv_heads, seq_len, implementation, sequence_parallel_size)
     if problems:
         raise UserError("; ".join(problems))
 
 
 def num_unshifted_heads(num_heads: int, size: int, rank: int) -> int:
-    """How many of rank's heads [rank·H/P, (rank+1)·H/P) lie below H/2, i.e. are S²-Attn's unshifted heads."""
+    """How many of rank's heads [rank·H/P, (rank+1)·H/P) lie below floor(H/2), i.e. are S²-Attn's unshifted heads:
+    the first ones of the slice, any count from 0 to H/P (9 heads over 3 ranks: 3, 1, 0)."""
     local = num_heads // size
     return min(max(num_heads // 2 - rank * local, 0), local)
 
@@ -281,7 +260,8 @@ def halo_forward(module, query, key, value, attention_mask, scaling=None, dropou
     group_size = group_size_for(module.config, local_len * sp.size)
     half_group = group_size // 2
     start = sp.rank * local_len
-    # kv heads read by any shifted head (h >= H/2): from the one head H/2 reads onwards
+    # kv heads read by any shifted head (h >= floor(H/2), any H): from the one head floor(H/2) reads onwards; with an
+    # odd split that kv head may serve unshifted heads too, which never read the halo (it lies in an earlier group)
     first_shifted_kv = (num_heads // 2) // (num_heads // num_kv_heads)
     tail = torch.stack([key[:, first_shifted_kv:, -half_group:], value[:, first_shifted_kv:, -half_group:]])
     halo = _HaloExchange.apply(tail.contiguous(), sp)  # (2, B, shifted kv heads, G/2, D) from rank - 1

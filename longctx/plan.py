@@ -444,22 +444,31 @@ def sequence_parallel_degrees(shape: ModelShape, cfg: RunConfig, world_size: int
 
 
 def sequence_parallel_problem(shape: ModelShape, cfg: RunConfig, size: int) -> str:
-    """Why P = size cannot split this model and sequence ("" if it can): the rules of parallel.check_model."""
-    if size == 1:
-        return ""
-    heads, kv = shape.num_attention_heads, shape.num_key_value_heads
-    implementation = cfg.attention.implementation
-    if implementation not in ("s2attn", "sdpa"):
-        return f"attention.implementation={implementation} has no sequence-parallel version: use s2attn or sdpa"
-    if heads % size:
-        return f"it does not divide the model's {heads} attention heads: pick a divisor of the head count"
-    if implementation == "s2attn" and (heads // size) % 2:
-        return f"S²-Attn needs an even number of heads per rank: pick a divisor of {heads // 2}"
-    if kv % size and size % kv:
-        return f"it and the model's {kv} kv heads do not divide one another: pick a divisor or multiple of {kv}"
-    if cfg.train.seq_len % size:
-        return f"it does not divide train.seq_len={cfg.train.seq_len}: pick a degree that does"
-    return ""
+    """Why P = size cannot split this model and sequence ("" if it can): the trainer's own rules
+    (longctx.feasibility.sequence_parallel_problems)."""
+    from longctx.feasibility import sequence_parallel_problems
+
+    problems = sequence_parallel_problems(
+        shape.num_attention_heads, shape.num_key_value_heads, cfg.train.seq_len, cfg.attention.implementation, size
+    )
+    return "; ".join(problems)
+
+
+def check_trainable(cfg: RunConfig, shape: ModelShape) -> None:
+    """What `longctx train` would refuse before building anything (longctx.feasibility.check_run), on the model's
+    config.json, or on LLaMA-2's published config when only its shape is known here."""
+    from transformers import AutoConfig
+
+    from longctx.feasibility import check_run
+    from longctx.model import load_hf_config
+
+    if cfg.model.init or (Path(cfg.model.path) / "config.json").is_file():
+        hf_config = load_hf_config(cfg)
+    else:
+        fields = {k: getattr(shape, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
+        fields |= {k: getattr(shape, k) for k in ("num_attention_heads", "num_key_value_heads", "vocab_size")}
+        hf_config = AutoConfig.for_model("llama", max_position_embeddings=4096, **fields)
+    check_run(cfg, hf_config)
 
 
 def check_sequence_parallel(cfg: RunConfig, shape: ModelShape, cluster: Cluster) -> None:
@@ -522,6 +531,7 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, max_nodes: int = 128) -> Plan:
     """
     cluster.check()
     shape = model_shape(cfg)
+    check_trainable(cfg, shape)
     check_sequence_parallel(cfg, shape, cluster)
     settings, preset_zero = zero_settings_by_strategy(cfg)
 

@@ -34,7 +34,8 @@ from longctx import checkpoint, parallel, tiling
 from longctx.config import MemoryConfig, RunConfig, save_config
 from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
-from longctx.model import build_model, count_parameters
+from longctx.feasibility import check_run
+from longctx.model import build_model, count_parameters, load_hf_config
 
 IGNORE_INDEX = -100
 
@@ -304,7 +305,8 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
-    init_distributed()  # first: it names the accelerator before DeepSpeed is imported
+    check_run(cfg, load_hf_config(cfg))  # what only the config and config.json decide, before anything is built
+    init_distributed()  # it names the accelerator before DeepSpeed is imported
     import deepspeed
 
     from longctx.data import ResumableDistributedSampler

@@ -1,9 +1,9 @@
-"""S²-Attn core against a naive masked reference written straight from DESIGN.md's definition."""
+"""S²-Attn core against a naive masked reference written straight from the definition in docs/s2attn.md."""
 
 import pytest
 import torch
 
-from longctx.attention import dense_attention, s2_attention, segment_ids_from_position_ids
+from longctx.attention import dense_attention, document_segment_ids, s2_attention, segment_ids_from_position_ids
 from longctx.errors import UserError
 
 
@@ -18,7 +18,7 @@ def reference_attention(q, k, v, group_size=None, *, position_ids=None, segment_
     index = torch.arange(seq_len)
     allowed = (index[None, None, :, None] >= index[None, None, None, :]).expand(batch, num_heads, seq_len, seq_len)
     if group_size is not None:
-        shifted = torch.arange(num_heads) >= num_heads // 2
+        shifted = torch.arange(num_heads) >= num_heads // 2  # floor(H/2): 9 heads shift heads 4..8
         offset = torch.where(shifted, group_size // 2, 0)  # (H,)
         group = torch.div(t[:, None, :] + offset[None, :, None], group_size, rounding_mode="floor")  # (B, H, N)
         allowed = allowed & (group[..., :, None] == group[..., None, :])
@@ -42,7 +42,8 @@ def packed_positions(doc_lengths_per_row):
     return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in doc_lengths_per_row])
 
 
-# (H, Hkv, N, G): MHA, GQA 4:1 and 8:1, MQA, odd kv head count, N not a multiple of G, N < G, N < G/2, N = 1.
+# (H, Hkv, N, G): MHA, GQA 4:1 and 8:1, MQA, odd kv head count, N not a multiple of G, N < G, N < G/2, N = 1;
+# odd H (SmolLM2-135M's 9/3, SmolLM2-360M's 15/5, 7/1, 1/1, 3/1, 9 MHA), whose kv heads serve both sides of floor(H/2).
 SHAPES = [
     (4, 4, 32, 8),
     (8, 2, 37, 8),
@@ -52,6 +53,12 @@ SHAPES = [
     (4, 4, 10, 16),
     (4, 2, 5, 16),
     (2, 1, 1, 4),
+    (9, 3, 37, 8),
+    (15, 5, 29, 6),
+    (7, 1, 33, 8),
+    (1, 1, 19, 4),
+    (3, 1, 3, 4),
+    (9, 9, 1, 4),
 ]
 
 
@@ -90,7 +97,7 @@ def test_random_configurations_match_reference(seed):
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=generator))]
 
-    batch, num_kv_heads, heads_per_kv = pick([1, 2, 3]), pick([1, 2, 4]), pick([2, 4, 8])
+    batch, num_kv_heads, heads_per_kv = pick([1, 2, 3]), pick([1, 2, 4]), pick([2, 4, 8, 1, 3, 5])
     seq_len, group_size = int(torch.randint(1, 80, (1,), generator=generator)), pick([2, 4, 6, 10, 16, 32, 128])
     layouts = []
     for _ in range(batch):  # random documents per row
@@ -165,10 +172,11 @@ def input_gradients(q, k, v, output_fn, query_index):
     return q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (9, 3)])
 @pytest.mark.parametrize("query_index", [0, 1, 3, 4, 9, 17, 30])
-def test_no_gradient_from_the_future(query_index):
+def test_no_gradient_from_the_future(query_index, num_heads, num_kv_heads):
     # G = 8: index 0..3 is the first half group of the shifted heads, where the roll formulation leaks the tail.
-    q, k, v = random_qkv(2, 4, 2, 31)
+    q, k, v = random_qkv(2, num_heads, num_kv_heads, 31)
     q_grad, k_grad, v_grad = input_gradients(q, k, v, lambda q, k, v: s2_attention(q, k, v, 8), query_index)
     for grad in (q_grad, k_grad, v_grad):
         assert torch.count_nonzero(grad[:, :, query_index + 1 :]) == 0
@@ -187,10 +195,11 @@ def test_gradients_stay_inside_the_group_of_each_head_half():
         assert seen_shifted == [12, 13]
 
 
-def test_no_gradient_across_documents():
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3)])
+def test_no_gradient_across_documents(num_heads, num_kv_heads):
     position_ids = packed_positions([[5, 9, 10]])
     segment_ids = segment_ids_from_position_ids(position_ids)
-    q, k, v = random_qkv(1, 4, 4, 24)
+    q, k, v = random_qkv(1, num_heads, num_kv_heads, 24)
 
     def attend(q, k, v):
         return s2_attention(q, k, v, 16, position_ids=position_ids, segment_ids=segment_ids)
@@ -218,13 +227,111 @@ def test_gradients_match_reference():
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_bad_group_size_and_heads_are_user_errors():
+# ----------------------------------------------------------------------------------------------------------------
+# Any head count: head h is shifted iff h >= floor(H/2) (docs/s2attn.md; 9 heads shift heads 4..8)
+# ----------------------------------------------------------------------------------------------------------------
+
+# (H, Hkv): SmolLM2-135M, SmolLM2-360M, 7 over MQA, one head (shifted), 3 over MQA, odd kv count with an even H,
+# and even cases (GQA, MHA, MQA).
+HEAD_COUNTS = [(9, 3), (15, 5), (7, 1), (1, 1), (3, 1), (6, 3), (8, 2), (4, 4), (4, 1)]
+ODD_N = 37  # G = 8: unshifted groups [0, 8) .. [32, 37), shifted [0, 4), [4, 12) .. [36, 37)
+
+
+def odd_n_inputs(case, num_heads, num_kv_heads):
+    """q, k, v of ODD_N tokens in 2 rows, and s2_attention's keyword arguments: plain positions, packed documents
+    (restarting positions + segments) or packed documents with padding at the end of row 1 (its own segment)."""
+    q, k, v = random_qkv(2, num_heads, num_kv_heads, ODD_N, seed=10 * num_heads + num_kv_heads)
+    if case == "plain":
+        return q, k, v, {}
+    position_ids = packed_positions([[5, 19, 13], [ODD_N]])
+    padding_mask = None
+    if case == "padded":
+        padding_mask = torch.ones(2, ODD_N, dtype=torch.bool)
+        padding_mask[1, 30:] = False
+    return q, k, v, {"position_ids": position_ids, "segment_ids": document_segment_ids(position_ids, padding_mask)}
+
+
+@pytest.mark.parametrize("case", ["plain", "packed", "padded"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_COUNTS)
+def test_any_head_count_matches_reference_forward_and_backward(num_heads, num_kv_heads, case):
+    q, k, v, kwargs = odd_n_inputs(case, num_heads, num_kv_heads)
+    weights = torch.randn(2, num_heads, ODD_N, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = s2_attention(*got, 8, **kwargs)
+    (out * weights).sum().backward()
+    expected = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    reference = reference_attention(*expected, 8, **kwargs)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip("qkv", got, expected, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, msg=name)
+    # float32 inputs take the same path in q's dtype
+    torch.testing.assert_close(s2_attention(q, k, v, 8, **kwargs).double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def visible_keys(attend, q, k, v, head, query_index):
+    """Token indices whose value reaches out[:, head, query_index] (by gradient), per row."""
+    v = v.detach().double().requires_grad_()
+    attend(q.double(), k.double(), v)[:, head, query_index].sum().backward()
+    kv_head = head // (q.shape[1] // k.shape[1])
+    return [row.abs().sum(-1).nonzero().flatten().tolist() for row in v.grad[:, kv_head]]
+
+
+@pytest.mark.parametrize("attend", [s2_attention, reference_attention], ids=["s2_attention", "reference"])
+def test_nine_heads_shift_heads_four_to_eight(attend):
+    """docs/s2attn.md's worked example (H = 9, Hkv = 3, G = 8, N = 20), for the implementation and for the reference
+    every other test compares with: unshifted heads 0..3 see [0, 8), [8, 16), [16, 20); shifted heads 4..8 see
+    [0, 4), [4, 12), [12, 20) (no wrap-around), each restricted to the causal past."""
+    q, k, v = random_qkv(1, 9, 3, 20, seed=7)
+    unshifted = {2: range(0, 3), 5: range(0, 6), 13: range(8, 14), 19: range(16, 20)}
+    shifted = {2: range(0, 3), 5: range(4, 6), 13: range(12, 14), 19: range(12, 20)}
+    for head in range(9):
+        for query_index in unshifted:
+            expected = (shifted if head >= 4 else unshifted)[query_index]
+            assert visible_keys(lambda *x: attend(*x, 8), q, k, v, head, query_index) == [list(expected)], head
+
+
+@pytest.mark.parametrize("attend", [s2_attention, reference_attention], ids=["s2_attention", "reference"])
+def test_nine_heads_with_isolated_documents(attend):
+    """The worked example's two documents of 6 and 14 tokens: groups restart with the positions, and a token never
+    sees the other document even where the group numbers agree."""
+    position_ids = packed_positions([[6, 14]])
+    kwargs = {"position_ids": position_ids, "segment_ids": segment_ids_from_position_ids(position_ids)}
+    q, k, v = random_qkv(1, 9, 3, 20, seed=8)
+    unshifted = {5: range(0, 6), 9: range(6, 10), 17: range(14, 18), 19: range(14, 20)}
+    shifted = {5: range(4, 6), 9: range(6, 10), 17: range(10, 18), 19: range(18, 20)}
+    for head in range(9):
+        for query_index in unshifted:
+            expected = (shifted if head >= 4 else unshifted)[query_index]
+            visible = visible_keys(lambda *x: attend(*x, 8, **kwargs), q, k, v, head, query_index)
+            assert visible == [list(expected)], head
+
+
+@pytest.mark.parametrize("num_kv_heads", [9, 1])
+def test_any_contiguous_head_slice_computes_those_heads(num_kv_heads):
+    """A slice [a, b) of 9 heads, as sequence parallelism hands a rank, with its count of heads below floor(9/2) = 4
+    unshifted: every split point, including a slice that straddles head 4 anywhere (MHA and MQA, so that every slice
+    has a kv layout)."""
+    position_ids = packed_positions([[11, 20]])
+    kwargs = {"position_ids": position_ids, "segment_ids": segment_ids_from_position_ids(position_ids)}
+    q, k, v = random_qkv(1, 9, num_kv_heads, 31, seed=9)
+    expected = reference_attention(q, k, v, 6, **kwargs)
+    for first in range(9):
+        for stop in range(first + 1, 10):
+            kv = slice(first, stop) if num_kv_heads == 9 else slice(0, 1)
+            unshifted = min(max(4 - first, 0), stop - first)
+            got = s2_attention(q[:, first:stop], k[:, kv], v[:, kv], 6, num_unshifted_heads=unshifted, **kwargs)
+            torch.testing.assert_close(got.double(), expected[:, first:stop], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_group_size_and_head_split_are_user_errors():
     q, k, v = random_qkv(1, 4, 2, 8)
     with pytest.raises(UserError, match="even"):
         s2_attention(q, k, v, 5)
-    q3, k3, v3 = random_qkv(1, 3, 1, 8)
-    with pytest.raises(UserError, match="even head count"):
-        s2_attention(q3, k3, v3, 4)
+    for num_unshifted_heads in (-1, 5):
+        with pytest.raises(UserError, match="num_unshifted_heads between 0 and the number of heads") as error:
+            s2_attention(q, k, v, 4, num_unshifted_heads=num_unshifted_heads)
+        assert "\n" not in str(error.value)
 
 
 def fake_flash_varlen(
@@ -244,7 +351,8 @@ def fake_flash_varlen(
     return torch.cat(outputs)
 
 
-def test_flash_varlen_plumbing_matches_reference(monkeypatch):
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (9, 3), (15, 5), (7, 1), (1, 1)])
+def test_flash_varlen_plumbing_matches_reference(monkeypatch, num_heads, num_kv_heads):
     # No GPU here: the varlen kernel is replaced by its contract, which tests the run layout and cu_seqlens.
     from longctx import attention
 
@@ -252,7 +360,7 @@ def test_flash_varlen_plumbing_matches_reference(monkeypatch):
     monkeypatch.setattr(attention, "resolve_backend", lambda backend, q: "flash")
     position_ids = packed_positions([[7, 19, 14], [40]])
     segment_ids = segment_ids_from_position_ids(position_ids)
-    q, k, v = random_qkv(2, 8, 2, 40, seed=4)
+    q, k, v = random_qkv(2, num_heads, num_kv_heads, 40, seed=4)
     for kwargs in ({}, {"position_ids": position_ids, "segment_ids": segment_ids}, {"position_ids": position_ids}):
         expected = reference_attention(q, k, v, 8, **kwargs)
         got = s2_attention(q, k, v, 8, **kwargs)
@@ -290,7 +398,9 @@ def test_no_allocation_grows_with_n_squared(packed):
     assert 0 < largest < seq_len * seq_len // 4
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,num_slices", [(8, 2, 2), (8, 4, 4), (12, 3, 3)])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,num_slices", [(8, 2, 2), (8, 4, 4), (12, 3, 3), (9, 3, 3), (15, 5, 5), (15, 15, 3)]
+)
 def test_head_slices_compute_the_full_function(num_heads, num_kv_heads, num_slices):
     # Sequence parallelism gives each rank a contiguous slice of heads: shifted heads are chosen by global index.
     position_ids = packed_positions([[11, 30], [41]])
@@ -305,5 +415,3 @@ def test_head_slices_compute_the_full_function(num_heads, num_kv_heads, num_slic
         slices.append(s2_attention(q_slice, k_slice, v_slice, 8, num_unshifted_heads=unshifted, **kwargs))
     expected = reference_attention(q, k, v, 8, **kwargs)
     torch.testing.assert_close(torch.cat(slices, dim=1).double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(UserError, match="sequence-parallel"):
-        s2_attention(q[:, :4], k[:, :1], v[:, :1], 8, num_unshifted_heads=1)

@@ -61,9 +61,9 @@ def registries(monkeypatch):
         monkeypatch.setattr(registry, "_global_mapping", dict(registry._global_mapping))
 
 
-def checkpointed_model():
+def checkpointed_model(**config_overrides):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="s2attn")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY | config_overrides), attn_implementation="s2attn")
     attention.configure(model, group_size=GROUP_SIZE)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
@@ -102,6 +102,24 @@ def test_one_layout_per_forward_with_checkpointing_and_the_uncached_result(case,
     monkeypatch.setattr(attention, "_cache_layouts", False)
     expected_loss, expected_grads = loss_and_grads(model, batch(case))
     assert builds["_run_layout"] == builds["segment_ids_from_position_ids"] == 2 * NUM_LAYERS  # what was built
+    assert torch.equal(loss, expected_loss)
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("case", ["plain", "packed"])
+def test_an_odd_head_count_builds_one_layout_per_offset(case, builds, monkeypatch):
+    """9 heads are two passes (heads 0..3 unshifted, 4..8 shifted), each on the layout of its group offset: two builds
+    per forward pass, shared by every layer and the recompute, with the result of building them in every layer."""
+    model = checkpointed_model(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+    loss, grads = loss_and_grads(model, batch(case))
+    assert builds["_sdpa_over_windows"] == 2 * 2 * NUM_LAYERS  # two passes per attention call
+    assert builds["_run_layout"] == 2
+
+    builds.clear()
+    monkeypatch.setattr(attention, "_cache_layouts", False)
+    expected_loss, expected_grads = loss_and_grads(model, batch(case))
+    assert builds["_run_layout"] == 2 * 2 * NUM_LAYERS
     assert torch.equal(loss, expected_loss)
     for name, grad in expected_grads.items():
         assert torch.equal(grads[name], grad), name
@@ -197,7 +215,9 @@ def test_a_layout_key_serves_only_its_segments_and_settings(builds):
         (dict(group_size=8, segment_ids=documents), 0),  # the same: reused
         (dict(group_size=8, segment_ids=one_segment), 1),
         (dict(group_size=6, segment_ids=one_segment), 1),
-        (dict(group_size=6, segment_ids=one_segment, num_unshifted_heads=0), 1),
+        (dict(group_size=6, segment_ids=one_segment, num_unshifted_heads=0), 1),  # one block, offset G/2
+        (dict(group_size=6, segment_ids=one_segment, num_unshifted_heads=3), 1),  # + one block, offset 0
+        (dict(group_size=6, segment_ids=one_segment, num_unshifted_heads=8), 0),  # offset 0 only: built just now
     ]
     for kwargs, num_built in calls:
         before = builds["_run_layout"]

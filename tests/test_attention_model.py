@@ -192,3 +192,47 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
     attention.configure(model, group_size=GROUP_SIZE)
     with pytest.raises(UserError, match="sliding_window"):
         model(inputs())
+
+
+# SmolLM2-135M's head layout at toy size: 9 heads over 3 kv heads, head_dim 8.
+ODD_HEADS = dict(TINY, hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+
+
+def odd_heads_model(attn_implementation):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**ODD_HEADS), attn_implementation=attn_implementation)
+    attention.configure(model, group_size=GROUP_SIZE)
+    return model.train()
+
+
+@pytest.mark.parametrize("position_ids", [None, PACKED_POSITIONS], ids=["plain", "packed"])
+def test_nine_heads_train_a_step_as_the_reference(position_ids):
+    """A Llama with 9 heads / 3 kv heads trains with attn_implementation="s2attn": one SGD step from the same weights
+    gives the float64 reference's loss, gradients and next loss (shifted heads 4..8, G = 8 over 24 tokens)."""
+    models = {name: odd_heads_model(name) for name in ("s2attn", "s2attn_reference")}
+    input_ids = inputs()
+    positions = torch.arange(SEQ_LEN)[None] if position_ids is None else position_ids
+    losses = {}
+    for name, model in models.items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        first = model(input_ids, labels=input_ids, position_ids=positions).loss
+        first.backward()
+        optimizer.step()
+        with torch.no_grad():
+            second = model(input_ids, labels=input_ids, position_ids=positions).loss
+        losses[name] = (first.detach(), second)
+    for name, p in models["s2attn"].named_parameters():
+        torch.testing.assert_close(p, dict(models["s2attn_reference"].named_parameters())[name], msg=name)
+    torch.testing.assert_close(losses["s2attn"], losses["s2attn_reference"], atol=1e-5, rtol=1e-5)
+    assert losses["s2attn"][1] < losses["s2attn"][0]  # the step trained
+
+
+def test_nine_heads_evaluate_densely():
+    """In eval mode the 9-head model is dense causal attention with packed documents isolated, as sdpa computes it."""
+    s2 = odd_heads_model("s2attn").eval()
+    sdpa = odd_heads_model("sdpa").eval()
+    input_ids = inputs()
+    with torch.no_grad():
+        for position_ids in (None, PACKED_POSITIONS):
+            expected = sdpa(input_ids, position_ids=position_ids, use_cache=False).logits
+            torch.testing.assert_close(s2(input_ids, position_ids=position_ids).logits, expected)

@@ -98,7 +98,8 @@ def test_a_broken_plan_fails_the_dry_run_and_names_each_problem(gpu_check, monke
     assert report["ok"] is False
     assert report["problems"] == [
         "tests/test_gpu_train.py has no test for the preset llama2-7b-1m",
-        "speed sweep: N=8190 s2attn lora: N is not a multiple of the S²-Attn group size 2046",
+        "speed sweep: N=8190 s2attn lora: train.seq_len=8190 is not a multiple of the S²-Attn group size 2046: pick "
+        "attention.group_size (or group_size_ratio) so that it divides the sequence length",
     ]
     assert "problem: speed sweep: N=8190" in capsys.readouterr().out
 

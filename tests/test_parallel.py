@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
+from longctx import parallel
 from longctx.attention import s2_attention, s2attn_forward, segment_ids_from_position_ids
 from longctx.config import ConfigError, RunConfig, load_config
 from longctx.errors import UserError
@@ -18,6 +19,7 @@ from longctx.parallel import (
     SequenceParallel,
     check_model,
     gradient_sum_factor,
+    halo_forward,
     layout,
     num_unshifted_heads,
     shard_batch,
@@ -34,7 +36,19 @@ def packed_positions(seq_len: int, doc_starts: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "size"),
-    [(4, 2, 2), (8, 2, 4), (8, 8, 2), (12, 6, 3), (8, 2, 2)],  # 12 heads over 3: rank 1 holds heads 4..7, H/2 = 6
+    [
+        (4, 2, 2),
+        (8, 2, 4),
+        (8, 8, 2),
+        (12, 6, 3),  # rank 1 holds heads 4..7, H/2 = 6
+        (8, 2, 2),
+        (8, 8, 8),  # one head per rank
+        (9, 3, 3),  # SmolLM2-135M: rank 1 holds heads 3..5, floor(H/2) = 4: one unshifted, two shifted
+        (9, 3, 9),  # kv heads replicated over 3 ranks each
+        (15, 5, 5),  # SmolLM2-360M: rank 2 holds heads 6..8, floor(H/2) = 7
+        (15, 15, 3),  # rank 1 holds heads 5..9: two unshifted, three shifted
+        (7, 1, 7),
+    ],
 )
 def test_each_rank_head_slice_computes_the_single_rank_heads(num_heads, num_kv_heads, size):
     """What a rank's core attention computes on its slice equals those heads of the one-rank S²-Attn."""
@@ -71,6 +85,54 @@ def test_local_head_offsets_are_global():
     assert [num_unshifted_heads(8, 2, r) for r in range(2)] == [4, 0]
     assert [num_unshifted_heads(8, 4, r) for r in range(4)] == [2, 2, 0, 0]
     assert [num_unshifted_heads(12, 3, r) for r in range(3)] == [4, 2, 0]
+    # Odd H: heads below floor(H/2) are unshifted, so a slice can straddle it at any point.
+    assert [num_unshifted_heads(9, 1, 0)] == [4]
+    assert [num_unshifted_heads(9, 3, r) for r in range(3)] == [3, 1, 0]
+    assert [num_unshifted_heads(9, 9, r) for r in range(9)] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert [num_unshifted_heads(15, 5, r) for r in range(5)] == [3, 3, 1, 0, 0]
+    assert [num_unshifted_heads(15, 3, r) for r in range(3)] == [5, 2, 0]
+    assert [num_unshifted_heads(1, 1, 0)] == [0]
+
+
+def test_ranks_of_an_odd_head_count_compute_the_one_rank_function():
+    """9 heads over 3 ranks, stitched back together, are the one-rank S²-Attn; treating each rank's slice as a model
+    of its own (floor(3/2) = 1 unshifted head per rank) is not, so the global count is what makes it right."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 9, 40, 4, dtype=torch.float64)
+    k, v = (torch.randn(1, 3, 40, 4, dtype=torch.float64) for _ in range(2))
+    reference = s2_attention(q, k, v, 8)
+    by_rank = [
+        s2_attention(q[:, 3 * r : 3 * r + 3], k[:, r : r + 1], v[:, r : r + 1], 8, num_unshifted_heads=unshifted)
+        for r, unshifted in enumerate(num_unshifted_heads(9, 3, r) for r in range(3))
+    ]
+    torch.testing.assert_close(torch.cat(by_rank, dim=1), reference, rtol=1e-12, atol=1e-12)
+    as_own_models = [s2_attention(q[:, 3 * r : 3 * r + 3], k[:, r : r + 1], v[:, r : r + 1], 8) for r in range(3)]
+    assert not torch.allclose(torch.cat(as_own_models, dim=1), reference)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(9, 3), (15, 5), (7, 1), (1, 1), (8, 2)])
+def test_halo_chunks_compute_the_one_rank_function(num_heads, num_kv_heads, monkeypatch):
+    """halo_forward on each of 3 ranks' chunks, the previous rank's tail handed over in place of the point-to-point
+    send, gives the one-rank S²-Attn: the halo carries the kv heads of every shifted head h >= floor(H/2) (forward;
+    the backward exchange is tests/test_parallel_distributed.py's)."""
+    size, group_size, chunk = 3, 8, 16
+    torch.manual_seed(0)
+    q = torch.randn(1, num_heads, size * chunk, 4, dtype=torch.float64)
+    k, v = (torch.randn(1, num_kv_heads, size * chunk, 4, dtype=torch.float64) for _ in range(2))
+    reference = s2_attention(q, k, v, group_size)
+    sent = {}
+
+    def shift(tensor, sp, step):  # ranks run in order: rank r receives what rank r - 1 sent
+        sent[sp.rank] = tensor
+        return sent[sp.rank - 1] if sp.rank else torch.zeros_like(tensor)
+
+    monkeypatch.setattr(parallel, "_shift", shift)
+    module = types.SimpleNamespace(training=True, config=types.SimpleNamespace(s2attn={"group_size": group_size}))
+    for rank in range(size):
+        local = slice(rank * chunk, (rank + 1) * chunk)
+        sp = SequenceParallel(size=size, rank=rank)
+        out, _ = halo_forward(module, q[:, :, local], k[:, :, local], v[:, :, local], None, sp=sp)
+        torch.testing.assert_close(out.transpose(1, 2), reference[:, :, local], rtol=1e-12, atol=1e-12)
 
 
 def test_ignoring_the_global_index_changes_the_result():
@@ -113,7 +175,8 @@ def llama_config(num_heads: int, num_kv_heads: int) -> LlamaConfig:
     ("heads", "kv_heads", "size", "seq_len", "implementation", "message"),
     [
         (6, 6, 4, 64, "s2attn", "6 attention heads do not divide over parallel.sequence_parallel_size=4"),
-        (8, 8, 8, 64, "s2attn", "leaves 1 head\\(s\\) per rank, but each rank needs an even number of heads"),
+        (9, 3, 2, 64, "s2attn", "9 attention heads do not divide over parallel.sequence_parallel_size=2"),
+        (15, 5, 3, 64, "s2attn", "5 key/value heads and parallel.sequence_parallel_size=3 do not divide"),
         (12, 3, 2, 64, "s2attn", "3 key/value heads and parallel.sequence_parallel_size=2 do not divide"),
         (8, 2, 4, 66, "s2attn", "train.seq_len=66 is not a multiple of parallel.sequence_parallel_size=4"),
         (8, 2, 2, 64, "eager", "attention.implementation=eager has no sequence-parallel version"),
@@ -127,9 +190,13 @@ def test_bad_sequence_parallel_combinations_are_one_line_errors(
     assert "\n" not in str(error.value) and ": " in str(error.value)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "size"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (64, 8, 16), (32, 32, 8)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "size"),
+    [(8, 2, 2), (8, 2, 4), (64, 8, 8), (64, 8, 16), (32, 32, 8), (8, 8, 8)]
+    + [(9, 3, 3), (9, 3, 9), (15, 5, 5), (7, 1, 7)],  # odd head counts: any number of heads per rank
+)
 def test_good_sequence_parallel_combinations_pass(heads, kv_heads, size):
-    check_model(llama_config(heads, kv_heads), size, 1024, "s2attn")
+    check_model(llama_config(heads, kv_heads), size, 1024 * size, "s2attn")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +64,48 @@ def load_hf_config(cfg: RunConfig):
         raise UserError(f"model.init is not a valid Hugging Face config ({e}): fix the model.init fields") from None
 
 
+# The files of a Hub model that longctx reads: weights, configs, tokenizer and chat template (no .bin/.gguf/onnx/...).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_path(cfg: RunConfig) -> RunConfig:
+    """cfg with model.path a local directory: a Hub id (`org/name`, when no such local directory exists) becomes its
+    snapshot in the Hugging Face cache, downloaded when online; with HF_HUB_OFFLINE=1 only the cache is read.
+
+    Called once where a run starts (the trainer, plan), so the saved config names the directory that was used.
+    """
+    path = cfg.model.path
+    if not path or Path(path).is_dir() or not _HUB_ID.fullmatch(path):
+        return cfg
+    import dataclasses
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = snapshot_download(path, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"model.path={path} is neither a local directory nor in the Hugging Face cache, and the Hub cannot be "
+            "reached (HF_HUB_OFFLINE or no network): download it first (huggingface-cli download "
+            f"{path}) or point model.path at a model directory"
+        ) from None
+    except (RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.path={path} is neither a local directory nor a model on the Hugging Face Hub ({first}): check "
+            "the name (and HF_TOKEN for a gated model), or point model.path at a model directory"
+        ) from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local))
+
+
 def _checked_model_dir(path: str) -> Path:
     model_dir = Path(path)
     if not model_dir.is_dir():
-        raise UserError(f"model.path={path} is not a directory: give a local Hugging Face model directory")
+        raise UserError(
+            f"model.path={path} is not a directory: give a local Hugging Face model directory (or a Hub id, org/name)"
+        )
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"model.path={path} has no config.json: point it at a Hugging Face model directory")

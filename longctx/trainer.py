@@ -35,7 +35,7 @@ from longctx.config import MemoryConfig, RunConfig, save_config
 from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
 from longctx.feasibility import check_run
-from longctx.model import build_model, count_parameters, load_hf_config
+from longctx.model import build_model, count_parameters, load_hf_config, resolve_model_path
 
 IGNORE_INDEX = -100
 
@@ -305,6 +305,7 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
+    cfg = resolve_model_path(cfg)  # a Hub id: its snapshot in the HF cache, the directory every step below reads
     check_run(cfg, load_hf_config(cfg))  # what only the config and config.json decide, before anything is built
     init_distributed()  # it names the accelerator before DeepSpeed is imported
     import deepspeed

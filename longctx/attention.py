@@ -648,15 +648,27 @@ def s2attn_forward(
     num_unshifted_heads: see `s2_attention`; a sequence-parallel wrapper that hands this function a slice of the
     heads passes it. layout_key: the tensor the layout is cached under (default: position_ids); a wrapper that
     hands each layer new position ids (gathered ones) passes one tensor that stands for them for the whole forward.
+    sliding_window: the model's window (transformers passes it): training honours it by construction when G <= it
+    and refuses a longer G; dense attention applies it (docs/s2attn.md, "Sliding-window models").
     """
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if sliding_window is not None and kv_len > sliding_window:
-        raise UserError(
-            f"the model has a sliding window of {sliding_window} tokens, shorter than the sequence ({kv_len}), "
-            "which s2attn does not implement: set the model config's sliding_window to null or use "
-            "attention.implementation=sdpa"
-        )
+    # A sliding window (Mistral; Qwen2/3 with use_sliding_window) binds only when the sequence is longer than it.
+    windowed = sliding_window is not None and kv_len > sliding_window
+    if windowed and module.training and q_len == kv_len:
+        # S²-Attn never reaches further back than G - 1 tokens (a group holds G consecutive positions, and isolated
+        # documents keep index and position distances equal), so G <= window honours the window by construction.
+        # longctx.feasibility refuses the other case from the config; this is the same rule where it is applied.
+        group_size = group_size_for(module.config, q_len)
+        if group_size > sliding_window:
+            raise UserError(
+                f"S²-Attn group size {group_size} is longer than the model's sliding window of {sliding_window} "
+                f"tokens: set attention.group_size to at most {sliding_window}"
+            )
+    elif windowed and (attention_mask is None or attention_mask.dim() == 2):
+        # Dense attention (eval, cached decoding) with the model's window, as transformers' own masks apply it.
+        out = _sliding_window_dense(query, key, value, sliding_window, position_ids, attention_mask, scaling, dropout)
+        return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.dim() == 4:
         if module.training and q_len == kv_len:
             raise UserError("s2attn got a prepared 4D attention mask: pass a 2D padding mask (or none) instead")
@@ -693,6 +705,25 @@ def s2attn_forward(
             layout_key=layout_key,
         )
     return out.transpose(1, 2), None
+
+
+def _sliding_window_dense(query, key, value, window, position_ids, padding_mask, scale, dropout):
+    """Dense causal attention of the last q_len queries over kv_len keys in which query i sees key j only when
+    i - j < window (transformers' `sliding_window_overlay`), packed documents and padding kept apart as in the dense
+    path. An explicit (B, 1, q_len, kv_len) mask: the window is the model's inference behaviour, not a training path."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    first = kv_len - q_len  # the first query's index among the keys
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+    mask = visible.tril(diagonal=first).triu(diagonal=first - window + 1)[None, None]
+    if q_len == kv_len:
+        if position_ids is None:
+            position_ids = torch.arange(q_len, device=query.device)[None]
+        segment_ids = document_segment_ids(position_ids.expand(query.shape[0], q_len), padding_mask)
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    elif padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :]
+    return _sdpa(query, key, value, scale=scale, dropout=dropout, mask=mask)
 
 
 def _dense_decoding(query, key, value, padding_mask, scale, dropout):

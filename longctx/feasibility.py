@@ -65,12 +65,19 @@ def run_problems(cfg: RunConfig, hf_config) -> list[str]:
             "extend (position interpolation and S²-Attn are for RoPE models): use a LLaMA-family model"
         ]
     problems = check_rope(cfg, hf_config)
+    if cfg.attention.implementation == "s2attn" and not _has_attention_interface(hf_config):
+        problems.append(
+            f"{where} is a {text_config.model_type} model whose attention does not go through transformers' "
+            "AttentionInterface, so S²-Attn cannot be selected for it: use attention.implementation=sdpa, or a "
+            "LLaMA-family model"
+        )
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     if cfg.parallel.sequence_parallel_size > 1 and cfg.parallel.sequence_parallel_mode == "ulysses":
         problems += sequence_parallel_problems(
             heads, kv_heads, cfg.train.seq_len, cfg.attention.implementation, cfg.parallel.sequence_parallel_size
         )
+    problems += _sliding_window_problems(cfg, text_config, where)
     problems += _tokenizer_problems(cfg, text_config)
     return problems
 
@@ -82,8 +89,55 @@ def check_run(cfg: RunConfig, hf_config) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _has_attention_interface(hf_config) -> bool:
+    """Whether transformers' class for this config computes attention through the AttentionInterface registry."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(hf_config)]
+    except KeyError:  # a remote-code model: its class is not known before it is loaded
+        return True
+    return bool(getattr(model_class, "_supports_attention_backend", False))
+
+
 def _uses_rope(text_config) -> bool:
     return bool(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_theta", None))
+
+
+def sliding_window(text_config) -> int | None:
+    """The model's attention window in tokens (query i sees key j iff i - j < window), or None when it has none.
+
+    Mistral slides every layer; Qwen2/Qwen3 keep `sliding_window` in config.json but slide only the layers their
+    `layer_types` name (none unless use_sliding_window, in which case transformers already set it to None).
+    """
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def _sliding_window_problems(cfg: RunConfig, text_config, where: str) -> list[str]:
+    """S²-Attn honours a sliding window by construction when G <= window: a token never sees one more than G - 1
+    back (docs/s2attn.md, "Sliding-window models"). A longer group would attend where the model never does. Dense
+    training honours it through transformers, except split by Ulysses, whose dense core sees no window."""
+    window = sliding_window(text_config)
+    if window is None or window >= cfg.train.seq_len:
+        return []
+    implementation, sp = cfg.attention.implementation, cfg.parallel.sequence_parallel_size
+    if implementation == "s2attn" and cfg.group_size > window:
+        return [
+            f"the S²-Attn group size {cfg.group_size} is longer than the sliding window of {where} ({window} tokens), "
+            f"so groups would attend beyond the window: set attention.group_size to at most {window} (a divisor of "
+            f"train.seq_len={cfg.train.seq_len})"
+        ]
+    if implementation != "s2attn" and sp > 1:
+        return [
+            f"attention.implementation={implementation} split over parallel.sequence_parallel_size={sp} attends over "
+            f"the whole sequence, beyond the sliding window of {where} ({window} tokens): use "
+            f"attention.implementation=s2attn with attention.group_size at most {window}, or no sequence parallelism"
+        ]
+    return []
 
 
 def _tokenizer_problems(cfg: RunConfig, text_config) -> list[str]:

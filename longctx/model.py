@@ -102,6 +102,13 @@ def resolve_model_path(cfg: RunConfig) -> RunConfig:
 
 def _checked_model_dir(path: str) -> Path:
     model_dir = Path(path)
+    is_gguf = model_dir.suffix == ".gguf" or (model_dir.is_dir() and any(model_dir.glob("*.gguf")))
+    if is_gguf and not (model_dir / "config.json").is_file():
+        raise UserError(
+            f"model.path={path} is a GGUF file, which longctx does not train: convert it to a Hugging Face directory "
+            "first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) and save_pretrained, as "
+            "tools/real_model.py does) and point model.path at that"
+        )
     if not model_dir.is_dir():
         raise UserError(
             f"model.path={path} is not a directory: give a local Hugging Face model directory (or a Hub id, org/name)"

@@ -187,10 +187,11 @@ def test_configure_rejects_bad_settings():
         attention.configure(model, backend="triton")
 
 
-def test_sliding_window_shorter_than_the_sequence_is_refused():
-    model = tiny_model("mistral", "s2attn", sliding_window=16)
+def test_a_group_longer_than_the_sliding_window_is_refused():
+    # G <= window: S²-Attn never looks further back than G - 1 tokens, so the window holds by construction.
+    model = tiny_model("mistral", "s2attn", sliding_window=GROUP_SIZE // 2)
     attention.configure(model, group_size=GROUP_SIZE)
-    with pytest.raises(UserError, match="sliding_window"):
+    with pytest.raises(UserError, match=f"set attention.group_size to at most {GROUP_SIZE // 2}$"):
         model(inputs())
 
 

@@ -64,6 +64,22 @@ LLAMA2_SHAPES: dict[str, dict[str, Any]] = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000),
 }  # fmt: skip
+# Other models' released config.json (the fields plan and longctx.feasibility read), by what their directory names
+# contain. Qwen2.5-7B's says max_position_embeddings 131072 though it was pre-trained to 32768 (Qwen2.5-7B-Instruct's
+# says 32768): 131072 is its YaRN reach, which its preset states with rope.original_context.
+KNOWN_CONFIGS: dict[tuple[str, ...], dict[str, Any]] = {
+    ("llama-3.1-8b", "llama3.1-8b"): dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    ("qwen2.5-7b",): dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0,
+        sliding_window=131072, use_sliding_window=False, max_window_layers=28,
+    ),
+}  # fmt: skip
 
 # Stated constants (the legend prints them).
 GPU_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, caching-allocator slack
@@ -132,7 +148,7 @@ def shape_from_hf_config(fields: dict[str, Any], source: str) -> ModelShape:
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
-    """The shape from model.init, or model.path's config.json (no weights read), or a known LLaMA-2 by name."""
+    """The shape from model.init, or model.path's config.json (no weights read), or a known model by name."""
     if cfg.model.init:
         return shape_from_hf_config(cfg.model.init, "model.init")
     config_file = Path(cfg.model.path) / "config.json"
@@ -141,14 +157,25 @@ def model_shape(cfg: RunConfig) -> ModelShape:
             return shape_from_hf_config(json.loads(config_file.read_text()), str(config_file))
         except json.JSONDecodeError:
             raise UserError(f"{config_file} is not valid JSON: re-download or re-export the model") from None
-    name = Path(cfg.model.path).name.lower()
+    fields, source = known_config(cfg.model.path)
+    return shape_from_hf_config(fields, source)
+
+
+def known_config(model_path: str) -> tuple[dict[str, Any], str]:
+    """(released config.json fields, where they come from) of a model known by its directory's name."""
+    name = Path(model_path).name.lower()
     if "llama-2" in name or "llama2" in name:
         for size, fields in LLAMA2_SHAPES.items():
             if f"-{size}" in name:
-                return ModelShape(**fields, source=f"LLaMA-2-{size.upper()} shape (model.path not on this machine)")
+                released = dict(model_type="llama", max_position_embeddings=4096, **fields)
+                return released, f"LLaMA-2-{size.upper()} shape (model.path not on this machine)"
+    for names, fields in KNOWN_CONFIGS.items():
+        if any(known in name for known in names):
+            return fields, f"{names[0]} config.json as released (model.path not on this machine)"
     raise UserError(
-        f"model.path={cfg.model.path} has no config.json here and is not a LLaMA-2 7B/13B/70B name: "
-        "point model.path at a model directory (only its config.json is read) or set model.init"
+        f"model.path={model_path} has no config.json here and is not a known model name (LLaMA-2 7B/13B/70B, "
+        "Llama-3.1-8B, Qwen2.5-7B): point model.path at a model directory (only its config.json is read) or set "
+        "model.init"
     )
 
 
@@ -454,9 +481,9 @@ def sequence_parallel_problem(shape: ModelShape, cfg: RunConfig, size: int) -> s
     return "; ".join(problems)
 
 
-def check_trainable(cfg: RunConfig, shape: ModelShape) -> None:
+def check_trainable(cfg: RunConfig) -> None:
     """What `longctx train` would refuse before building anything (longctx.feasibility.check_run), on the model's
-    config.json, or on LLaMA-2's published config when only its shape is known here."""
+    config.json, or on the released one of a model known by name (`known_config`) when it is not on this machine."""
     from transformers import AutoConfig
 
     from longctx.feasibility import check_run
@@ -465,9 +492,8 @@ def check_trainable(cfg: RunConfig, shape: ModelShape) -> None:
     if cfg.model.init or (Path(cfg.model.path) / "config.json").is_file():
         hf_config = load_hf_config(cfg)
     else:
-        fields = {k: getattr(shape, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
-        fields |= {k: getattr(shape, k) for k in ("num_attention_heads", "num_key_value_heads", "vocab_size")}
-        hf_config = AutoConfig.for_model("llama", max_position_embeddings=4096, **fields)
+        fields = dict(known_config(cfg.model.path)[0])
+        hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     check_run(cfg, hf_config)
 
 
@@ -531,7 +557,7 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, max_nodes: int = 128) -> Plan:
     """
     cluster.check()
     shape = model_shape(cfg)
-    check_trainable(cfg, shape)
+    check_trainable(cfg)
     check_sequence_parallel(cfg, shape, cluster)
     settings, preset_zero = zero_settings_by_strategy(cfg)
 

@@ -231,6 +231,31 @@ def test_llama2_70b_at_100k_fits_multinode_with_its_sp_preset(nodes):
     assert not any(e.fits for e in plan.estimates if e.strategy.sequence_parallel == 1)
 
 
+@pytest.mark.parametrize(
+    ("name", "shape", "degrees"),
+    [
+        ("llama3.1-8b-128k", (32, 4096, 14336, 32, 8, 128256), [1, 2, 4, 8]),
+        ("qwen2.5-7b-128k", (28, 3584, 18944, 28, 4, 152064), [1, 2, 4]),  # 4 kv heads: no 8-way split
+    ],
+)
+def test_128k_presets_plan_from_the_released_config_and_fit_one_node_of_8x80gb(name, shape, degrees):
+    plan = plan_run(preset(name), Cluster(1, 8, 80, 1024))
+    s = plan.shape
+    fields = (s.num_hidden_layers, s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_key_value_heads)
+    assert (*fields, s.vocab_size) == shape and "config.json as released" in s.source
+    assert sorted({e.strategy.sequence_parallel for e in plan.estimates}) == degrees
+    mine = next(e for e in plan.estimates if e.strategy == plan.preset_strategy)
+    assert plan.preset_strategy == Strategy("3", 2) and mine.fits and mine.gpu_total < 0.5 * 80 * GIB
+
+
+@pytest.mark.parametrize(
+    "directory", ["models/Llama-3.1-8B-Instruct", "/data/Meta-Llama-3.1-8B", "models/Qwen2.5-7B-Instruct"]
+)
+def test_known_models_are_found_by_their_directory_name(directory):
+    shape = model_shape(preset("llama2-7b-32k", f"model.path={directory}"))
+    assert shape.vocab_size == (152064 if "Qwen" in directory else 128256)
+
+
 def test_sequence_parallel_degrees_respect_heads_and_kv_heads():
     plan = plan_run(preset("llama2-70b-100k-sp"), Cluster(8, 8, 80, 1024))  # 64 heads: any slice of them, S²-Attn too
     assert sorted({e.strategy.sequence_parallel for e in plan.estimates}) == [1, 2, 4, 8, 16, 32, 64]
@@ -331,6 +356,13 @@ def test_cli_json_agrees_with_the_library():
         throughout = sum(parts.values()) - parts["layer working set"] - parts["logits"] - late
         expected = throughout + max(parts["logits"], parts["layer working set"] + late)
         assert row["gpu_peak_gib"] == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b-128k", "qwen2.5-7b-128k"])
+def test_cli_plans_the_128k_presets(name):
+    result = run_cli("--config", name, "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80")
+    assert result.returncode == 0, result.stderr
+    assert "seq_len 131072" in result.stdout and "ZeRO-3 SP=2" in result.stdout and "<- preset" in result.stdout
 
 
 def test_cli_bad_input_exits_2_with_one_line():

@@ -1,4 +1,5 @@
-"""Every shipped preset and DeepSpeed JSON loads, validates and resolves; the LLaMA-2 presets follow the paper."""
+"""Every shipped preset and DeepSpeed JSON loads, validates and resolves; the LLaMA-2 presets follow the paper; the
+128k presets take their RoPE from the model's released config.json."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from transformers import AutoConfig
 
 from longctx.config import RunConfig, load_config
 from longctx.ds_config import resolve_deepspeed_config
+from longctx.feasibility import run_problems
 from longctx.model import resolve_rope
+from longctx.plan import known_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "launch" / "presets").glob("*.yaml"))
@@ -22,6 +25,7 @@ LLAMA2_PRESETS = [p for p in PRESETS if p.name.startswith("llama2-") and "qlora"
 def test_the_expected_files_ship():
     names = {p.stem for p in PRESETS}
     assert {"tiny-cpu", "llama2-7b-8k", "llama2-7b-32k", "llama2-7b-100k", "llama2-13b-64k", "llama2-70b-32k"} <= names
+    assert {"llama3.1-8b-128k", "qwen2.5-7b-128k"} <= names
     assert {"stage2", "stage3", "stage3_offload"} <= {p.stem for p in DS_CONFIGS}
 
 
@@ -49,6 +53,41 @@ def test_llama2_presets_follow_the_longlora_recipe(preset):
     rope = resolve_rope(cfg, AutoConfig.for_model("llama", max_position_embeddings=4096))
     assert cfg.rope.type == "linear" and rope.factor == cfg.train.seq_len / 4096 and not rope.problems
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.trainable) == (8, 16, ["embed", "norm"])
+
+
+def preset_config(name: str, *overrides: str) -> RunConfig:
+    return load_config(RunConfig, ROOT / "launch" / "presets" / f"{name}.yaml", list(overrides))
+
+
+def released_config(preset: str, **changes) -> AutoConfig:
+    """The config.json of the preset's model as released (the one `longctx plan` uses when it is not here)."""
+    fields = {**known_config(preset_config(preset).model.path)[0], **changes}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def test_llama31_at_128k_trains_at_its_own_context_without_interpolation():
+    cfg, config = preset_config("llama3.1-8b-128k"), released_config("llama3.1-8b-128k")
+    rope = resolve_rope(cfg, config)
+    assert cfg.train.seq_len == 131072 == config.max_position_embeddings and cfg.group_size * 4 == cfg.train.seq_len
+    assert (rope.base_type, rope.factor, rope.rope_parameters, rope.problems) == ("llama3", 1.0, None, [])
+    assert run_problems(cfg, config) == []
+    # Twice the length would extend llama3 in its own type: the preset's rope.type is the model's.
+    longer = resolve_rope(preset_config("llama3.1-8b-128k", "train.seq_len=262144"), config)
+    assert longer.rope_parameters["rope_type"] == "llama3" and longer.rope_parameters["factor"] == 16.0
+
+
+@pytest.mark.parametrize("positions", [131072, 32768], ids=["base", "instruct"])
+def test_qwen25_at_128k_is_qwens_yarn_x4_from_32768(positions):
+    """Qwen2.5-7B's config.json states 131072 positions (its YaRN reach), Qwen2.5-7B-Instruct's 32768: both train
+    in the YaRN Qwen documents for 131072 tokens."""
+    cfg = preset_config("qwen2.5-7b-128k")
+    config = released_config("qwen2.5-7b-128k", max_position_embeddings=positions)
+    rope = resolve_rope(cfg, config)
+    assert rope.rope_parameters == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0,
+    }  # fmt: skip
+    # run_problems: also the sequence-parallel split of its 28 heads and 4 kv heads.
+    assert rope.max_position_embeddings == 131072 and rope.problems == [] and run_problems(cfg, config) == []
 
 
 @pytest.mark.parametrize("ds_config", DS_CONFIGS, ids=lambda p: p.stem)

@@ -82,10 +82,11 @@ def measure(shape: str, seq_len: int, training: str, zero: str, memory: str) -> 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from longctx.distributed import init_distributed
     from longctx.ds_config import resolve_deepspeed_config
     from longctx.model import build_model
     from longctx.plan import Cluster, Strategy, estimate, model_shape, zero_settings
-    from longctx.trainer import init_distributed, token_loss_sum
+    from longctx.trainer import token_loss_sum
 
     cfg = run_config(shape, seq_len, training, zero, memory)
     init_distributed()

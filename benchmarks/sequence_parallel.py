@@ -28,8 +28,9 @@ from _env import environment  # noqa: E402
 
 from longctx import parallel  # noqa: E402
 from longctx.config import RunConfig, load_config  # noqa: E402
+from longctx.distributed import init_distributed  # noqa: E402
 from longctx.model import build_model  # noqa: E402
-from longctx.trainer import init_distributed, token_loss_sum  # noqa: E402
+from longctx.trainer import token_loss_sum  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, LAYERS = 512, 8, 8, 2
 

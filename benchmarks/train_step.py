@@ -227,8 +227,9 @@ def measure(config: Configuration) -> dict:
     import deepspeed
     import torch
 
+    from longctx.distributed import init_distributed
     from longctx.ds_config import resolve_deepspeed_config
-    from longctx.trainer import init_distributed, token_loss_sum
+    from longctx.trainer import token_loss_sum
 
     cfg = run_config(config)
     init_distributed()

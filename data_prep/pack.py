@@ -39,9 +39,10 @@ import numpy as np
 
 from data_prep.sources import Skipped, check_inputs, iter_corpus
 from data_prep.tokenizer import load_tokenizer
+from longctx.atomic import open_atomic, write_json_atomic
 from longctx.config import PrepConfig, save_config, to_dict
 from longctx.errors import UserError
-from longctx.shards import ShardWriter, token_dtype_for, write_json_atomic
+from longctx.shards import ShardWriter, token_dtype_for
 
 WINDOW_MAX_CHARS = 16 << 20
 TASK_CHARS = 256 << 10  # characters per tokenizer task: big enough to amortize IPC, small enough to balance
@@ -238,13 +239,16 @@ def _fingerprint(config: PrepConfig, tokenizer_identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _remove_outputs(out: Path) -> None:
+def _remove_outputs(out: Path, existed: bool = True) -> None:
+    """Remove what `prep pack` writes in out, and out itself when this run created it."""
     for name in ("train", "val"):
         shutil.rmtree(out / name, ignore_errors=True)
     for path in out.glob(".prep_*"):
         path.unlink()
     for name in (PREP_FILE, SUMMARY_FILE, CONFIG_FILE):
         (out / name).unlink(missing_ok=True)
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
@@ -292,6 +296,7 @@ def pack(config: PrepConfig, *, overwrite: bool = False, progress: bool = True) 
         summary = json.loads((out / SUMMARY_FILE).read_text())
         summary["already_complete"] = True
         return summary
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if status == "fresh":
         save_config(config, out / CONFIG_FILE)
@@ -304,11 +309,11 @@ def pack(config: PrepConfig, *, overwrite: bool = False, progress: bool = True) 
         summary = _run(config, tokenizer, dtype, out, state, progress)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            _remove_outputs(out)
+            _remove_outputs(out, existed)
             raise UserError(f"no space left writing to {out}: free disk space or choose another --out") from None
         raise
     except UserError:
-        _remove_outputs(out)  # bad input: leave no half-written output behind
+        _remove_outputs(out, existed)  # bad input: leave no half-written output behind
         raise
     summary["already_complete"] = False
     return summary
@@ -475,10 +480,8 @@ def _save_state(out: Path, next_window: int, stats, packers, seen_hashes) -> Non
     if seen_hashes is not None:
         # a new file per window: the state must never point at hashes of a window it does not include
         state["dedup_file"] = f".prep_dedup-{next_window:08d}.npy"
-        tmp = out / (state["dedup_file"] + ".partial")
-        with open(tmp, "wb") as f:
+        with open_atomic(out / state["dedup_file"], "wb") as f:
             np.save(f, np.fromiter(seen_hashes, dtype=np.uint64, count=len(seen_hashes)), allow_pickle=False)
-        os.replace(tmp, out / state["dedup_file"])
     write_json_atomic(out / STATE_FILE, state, indent=None)  # compact: it holds token lists
     for path in old_dedup:
         if path.name != state.get("dedup_file"):

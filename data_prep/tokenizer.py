@@ -351,9 +351,8 @@ def check_shards_tokenizer(model_path: str | os.PathLike | None, manifest: dict,
         if signature(other) == signature(tokenizer):
             return
     raise UserError(
-        f"shards in {shards_dir} were packed with tokenizer {manifest['tokenizer']['name']} "
-        f"(sha256 {manifest['tokenizer']['sha256'][:12]}), which differs from the one in model.path={model_path}: "
-        "re-pack the data with the model's tokenizer (longctx prep pack --tokenizer <model dir>)"
+        f"shards in {shards_dir} were packed with tokenizer {manifest['tokenizer']['name']}, not the one in "
+        f"model.path={model_path}: re-pack them with `prep pack --tokenizer <model dir>`"
     )
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from longctx.atomic import replace_dir, write_text_atomic
 from longctx.config import RunConfig, from_dict, save_config
 from longctx.errors import UserError
 
@@ -84,6 +85,8 @@ RESUMABLE_CHANGES = {
     "train.save_every",
     "train.keep_last",
     "train.resume",
+    "train.trust_checkpoint_pickles",
+    "model.trust_remote_code",
     "train.output_dir",
     "data.val",
 }
@@ -103,6 +106,39 @@ def check_resumable(path: Path, cfg: RunConfig) -> None:
             "use another train.output_dir, or train.resume=none to start over there"
         )
     check_base(path, cfg)
+
+
+def check_complete(path: Path, world_size: int) -> None:
+    """Every file a resume on `world_size` ranks reads is there and whole, before any process group or model exists:
+    the trained weights (safetensors header and size), DeepSpeed's model and optimizer states, each rank's trainer
+    state. (The pickled states are read weights-only, see longctx/safe_load.py; their damage shows when read.)"""
+    from longctx.tensor_files import check_safetensors_file
+
+    trained = sorted(path.glob(f"{TRAINED_PREFIX}*.safetensors"))
+    if not trained:
+        raise UserError(
+            f"checkpoint {path} has no {TRAINED_PREFIX}.safetensors: it was written by an earlier longctx version "
+            "or is damaged; resume from another checkpoint, or start over with train.resume=none"
+        )
+    for file in trained:
+        check_safetensors_file(file)
+    needed = {
+        "DeepSpeed model states (*model_states.pt)": list(path.glob("*model_states.pt")),
+        "DeepSpeed optimizer states (*optim_states.pt)": list(path.glob("*optim_states.pt")),
+    }
+    for what, found in needed.items():
+        if not found:
+            raise UserError(f"checkpoint {path} has no {what}: it is damaged; resume from another checkpoint")
+    for rank in range(world_size):
+        state_file = path / f"trainer_state_rank{rank}.pt"
+        if not state_file.is_file():
+            raise UserError(
+                f"checkpoint {path} has no {state_file.name}: it was written by a different number of ranks; "
+                "resume with the same world size (or start fresh with train.resume=none)"
+            )
+    for file in path.glob("*.pt"):
+        if file.stat().st_size == 0:
+            raise UserError(f"{file} is empty: the checkpoint is damaged; resume from another checkpoint")
 
 
 def base_record(cfg: RunConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -192,7 +228,7 @@ def save_checkpoint(
     torch.save(state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
-        _write_atomic(root / tmp_tag / BASE_RECORD, json.dumps(base, indent=2))
+        write_text_atomic(root / tmp_tag / BASE_RECORD, json.dumps(base, indent=2))
         _finalize(root / tmp_tag, root / name, step, cfg, ds_config)
     dist.barrier()
     return root / name
@@ -236,33 +272,34 @@ def load_trained(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _finalize(tmp_dir: Path, final_dir: Path, step: int, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     save_config(cfg, tmp_dir / "config.yaml")
-    _write_atomic(tmp_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-    _write_atomic(tmp_dir / COMPLETE_MARKER, json.dumps({"step": step}))
-    if final_dir.exists():  # a complete checkpoint of the same step from an earlier run: replace it
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
+    write_text_atomic(tmp_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    write_text_atomic(tmp_dir / COMPLETE_MARKER, json.dumps({"step": step}))
+    replace_dir(tmp_dir, final_dir)  # a complete checkpoint of the same step from an earlier run is replaced
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
-    """Rank 0: delete all but the newest keep_last complete checkpoints, and any interrupted `.tmp` saves."""
+    """Rank 0: delete all but the newest keep_last complete checkpoints, and what interrupted saves left."""
     found = complete_checkpoints(output_dir)
     for old in found[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in (Path(output_dir) / CHECKPOINTS_DIR).glob("step_*.tmp"):
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    for leftover in [*root.glob("step_*.tmp"), *root.glob("step_*.old-*")]:  # interrupted saves and replacements
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Collective: restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
+def load_checkpoint(engine, path: Path, *, trust_pickles: bool = False) -> dict[str, Any]:
+    """Collective: restore the engine (weights, optimizer, scheduler) and return this rank's trainer state.
+
+    Every file is read without running code from it (longctx/safe_load.py); trust_pickles lifts that for files
+    holding other Python objects (train.trust_checkpoint_pickles).
+    """
+    from longctx.safe_load import load_torch_file, use_safe_loading
+
     base_excluded = load_run_config(path).lora.enabled  # see save_checkpoint: the engine already holds the base
+    use_safe_loading(engine, trust_pickles=trust_pickles)
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not base_excluded)
-    state_file = path / f"trainer_state_rank{dist.get_rank()}.pt"
-    if not state_file.is_file():
-        raise UserError(
-            f"checkpoint {path} has no {state_file.name}: it was written by a different number of ranks; "
-            "resume with the same world size (or start fresh with train.resume=none)"
-        )
-    state = torch.load(state_file, weights_only=True)
+    # check_complete saw every rank's file before the run started
+    state = load_torch_file(path / f"trainer_state_rank{dist.get_rank()}.pt", trust_pickles=trust_pickles)
     _set_rng_state(state.pop("rng"))
     return state
 
@@ -281,15 +318,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def load_run_config(path: str | os.PathLike, *, trust_remote_code: bool = False) -> RunConfig:
+    """The resolved RunConfig saved with a checkpoint.
 
+    model.trust_remote_code is the caller's (the current command line or preset), never the file's: a checkpoint
+    someone hands you cannot turn custom code on.
+    """
+    import dataclasses
 
-def load_run_config(path: str | os.PathLike) -> RunConfig:
-    """The resolved RunConfig saved with a checkpoint."""
     config_file = Path(path) / "config.yaml"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.yaml: give a checkpoints/step_N directory written by longctx train")
-    return from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
+    try:
+        tree = yaml.safe_load(config_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{config_file} is not readable YAML ({str(e).splitlines()[0]}): the checkpoint is damaged"
+        ) from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{config_file} does not hold a run config: the checkpoint is damaged")
+    cfg = from_dict(RunConfig, tree)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, trust_remote_code=trust_remote_code))

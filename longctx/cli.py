@@ -133,6 +133,12 @@ def _add_export_command(commands) -> None:
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype")
     export.add_argument("--tokenizer", default="", help="tokenizer (default: the run's model.path or data.train one)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code (its config.json's auto_map) for this export; never taken from the "
+        "checkpoint",
+    )
     export.set_defaults(run=_run_export)
 
 

@@ -276,6 +276,9 @@ class TrainConfig:
     """Where checkpoints, logs and the resolved config go."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; none: start fresh; or a checkpoint path."""
+    trust_checkpoint_pickles: bool = False
+    """Resume from a checkpoint whose DeepSpeed files hold Python objects beyond the few types DeepSpeed stores.
+    Unpickling them can run arbitrary code: only for a checkpoint you wrote yourself. Off: such a file is refused."""
 
     def validate(self, errors: list[str]) -> None:
         if self.seq_len < 2:
@@ -503,10 +506,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    from longctx.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def describe(cls: type) -> list[tuple[str, str, str]]:
@@ -562,7 +564,10 @@ def _build(cls: type, tree: Any, prefix: str, errors: list[str]) -> Any:
     for key in tree:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f": did you mean {prefix}{near[0]}?" if near else f": valid keys are {', '.join(names)}"
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            hint = (
+                f": did you mean {prefix}{near[0]}?" if near else f": {prefix.rstrip('.')} has {shown} (--help-config)"
+            )
             errors.append(f"unknown config key {prefix}{key}{hint}")
     kwargs = {}
     for name in names:

@@ -154,6 +154,12 @@ def _rule_problems(cfg: RunConfig, ds: dict[str, Any], dtype: str | None) -> lis
             f"deepspeed.config={cfg.deepspeed.config} has a scheduler section, but the run owns the schedule "
             "(train.warmup_steps, train.schedule): remove the scheduler section"
         )
+    checkpointing = ds.get("checkpoint") if isinstance(ds.get("checkpoint"), dict) else {}
+    if checkpointing.get("load_universal") or checkpointing.get("use_node_local_storage"):
+        problems.append(
+            f"deepspeed.config={cfg.deepspeed.config} sets checkpoint.load_universal or use_node_local_storage: "
+            "longctx resumes only its own checkpoints, read without unpickling code; remove that setting"
+        )
     problem = sequence_parallel_problem(ds, cfg.parallel.sequence_parallel_size)
     if problem:
         problems.append(problem)

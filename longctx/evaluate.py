@@ -11,9 +11,9 @@ first is scored exactly once; tokens past the first window see at least L - S + 
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longctx.atomic import save_figure_atomic, write_json_atomic
+from longctx.distributed import init_distributed
+from longctx.distributed import rank_and_world as _rank_and_world
 from longctx.errors import UserError
 from longctx.model import EVAL_ATTENTION
 from longctx.parallel import all_reduce_
@@ -84,22 +87,37 @@ def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, bool]:
 
 
 def eval_model_config(path: str | os.PathLike):
-    """The Hugging Face config the evaluated model will have (RoPE scaling of a run included), without weights."""
+    """The Hugging Face config the evaluated model will have (RoPE scaling of a run included), without loading
+    weights; every file the model will be loaded from is checked here (present, not truncated, the checkpoint's base
+    unchanged), so a command that evaluates several models fails before the first one is evaluated."""
+    from longctx.tensor_files import check_model_weights
+
     model_dir, is_checkpoint = resolve_model_dir(path)
     if is_checkpoint:
-        from longctx.checkpoint import load_run_config
+        from longctx import checkpoint
         from longctx.model import apply_rope_scaling, load_hf_config
+        from longctx.tensor_files import check_safetensors_file
 
-        run_config = load_run_config(model_dir)
+        run_config = checkpoint.load_run_config(model_dir)
         hf_config = load_hf_config(run_config)
         apply_rope_scaling(hf_config, run_config)
+        trained = sorted(model_dir.glob(f"{checkpoint.TRAINED_PREFIX}*.safetensors"))
+        if not trained:
+            checkpoint.load_trained(model_dir)  # its error says what the checkpoint lacks
+        for file in trained:
+            check_safetensors_file(file)
+        checkpoint.check_base(model_dir, run_config)
+        if run_config.model.path:
+            check_model_weights(run_config.model.path)
         return hf_config
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"model {path}: config.json cannot be read ({_first_line(e)}): check the directory") from None
+        raise UserError(f"{model_dir / 'config.json'} cannot be read ({_first_line(e)}): check the file") from None
+    check_model_weights(model_dir)
+    return config
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:
@@ -132,14 +150,17 @@ def load_eval_model(path: str | os.PathLike, device: torch.device | None = None,
         model, _ = load_trained_model(model_dir, dtype=dtype, device=device)
         model.set_attn_implementation(EVAL_ATTENTION)
         return model.eval()
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=EVAL_ATTENTION, trust_remote_code=False
         )
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {path} cannot be loaded ({_first_line(e)}): check the directory's files") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise UserError(
+            f"model {model_dir} cannot be loaded ({_first_line(e)[:150]}): re-download or re-export its files"
+        ) from None
     if not getattr(model, "is_quantized", False):
         cast_parameters(model, dtype)
         model = model.to(device)
@@ -193,12 +214,6 @@ def check_context_reach(config, context_lengths: Iterable[int], name: str = "mod
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _rank_and_world()[1] > 1:
         all_reduce_(tensor, op=dist.ReduceOp.SUM)
@@ -206,12 +221,8 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def init_distributed_from_env() -> None:
-    """Join the process group a launcher (deepspeed, torchrun) set up through WORLD_SIZE / RANK / MASTER_ADDR."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(eval_device())
-        dist.init_process_group(backend=backend)
+    """Join the process group of a launcher (deepspeed, torchrun); a single process evaluates without one."""
+    init_distributed(single_process_group=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,16 +542,11 @@ def passkey_accuracy(
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, sort_keys=False)
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_perplexity(results: dict[str, dict[int, float]], path: str | os.PathLike, title: str = "") -> None:
@@ -635,11 +641,15 @@ def parse_float_list(text: str, what: str) -> list[float]:
     return values
 
 
-def _prepare_out_dir(out: str | os.PathLike) -> Path:
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """--out as a directory to write results into, checked but not created (it is made only once there are results,
+    so a failed evaluation leaves no empty directory behind)."""
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out} is a file: give a directory for the results")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"--out {out} is a file: give a directory for the results")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out} cannot be created: {parent} is not writable; give another --out")
     return out_dir
 
 
@@ -695,9 +705,9 @@ def evaluate_perplexity(
         raise UserError(f"max tokens {max_tokens} must be >= 0 (0: every held-out token)")
     if not Path(data_dir).is_dir():
         raise UserError(f"data {data_dir} is not a directory: give held-out shards, e.g. <prep out>/val")
+    out_dir = check_out_dir(out_dir)
     init_distributed_from_env()
     rank, _ = _rank_and_world()
-    out_dir = _prepare_out_dir(out_dir) if rank == 0 else Path(out_dir)
     stream = load_heldout_stream(data_dir, max_tokens)
     if len(stream) < max(lengths) + 1:
         raise UserError(
@@ -725,6 +735,7 @@ def evaluate_perplexity(
         "models": {name: {"path": str(models[name]), "results": results[name]} for name in models},
     }
     if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
         write_json(report, out_dir / "perplexity.json")
         plot_perplexity(
             {name: {length: r["perplexity"] for length, r in by_length.items()} for name, by_length in results.items()},
@@ -765,10 +776,10 @@ def evaluate_passkey(
         raise UserError(f"trials {num_trials} must be >= 1")
     from data_prep.tokenizer import load_tokenizer
 
+    out_dir = check_out_dir(out_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     init_distributed_from_env()
     rank, _ = _rank_and_world()
-    out_dir = _prepare_out_dir(out_dir) if rank == 0 else Path(out_dir)
     for name, path in models.items():
         config = eval_model_config(path)
         check_context_reach(config, lengths, name)
@@ -787,6 +798,7 @@ def evaluate_passkey(
         del model, generate
     report = {"seed": seed, "models": {name: {"path": str(models[name]), **r} for name, r in results.items()}}
     if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
         write_json(report, out_dir / "passkey.json")
         for name, result in results.items():
             plot_passkey(result, out_dir / f"passkey_{name}.png", title=f"{name}: passkey retrieval")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from longctx.atomic import atomic_dir
 from longctx.config import RunConfig
 from longctx.errors import UserError
 from longctx.merge import TrainedWeights, add_legacy_rope_keys, clean_config, read_checkpoint, write_merged
@@ -90,6 +90,7 @@ def export(
     dtype: str = "bf16",
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a checkpoint (a checkpoints/step_N dir, or a run dir: its newest complete checkpoint) to `out`."""
     if format not in FORMATS:
@@ -102,20 +103,17 @@ def export(
     ckpt_dir = resolve_checkpoint(checkpoint)
     if out.resolve() in (ckpt_dir.resolve(), *ckpt_dir.resolve().parents):
         raise UserError(f"--out {out} holds the checkpoint being exported: pick another --out")
-    cfg = _load_run_config(ckpt_dir)
+    cfg = _load_run_config(ckpt_dir, trust_remote_code)
     kinds = ["adapter", "merged"] if format == "both" else [format]
     if "adapter" in kinds:
         _check_adapter_possible(cfg)
     tok = resolve_tokenizer(cfg, tokenizer)
     _check_tokenizer(tok, cfg, needed="merged" in kinds)
 
-    _progress(f"reading the trained weights of {ckpt_dir}")
-    weights = read_checkpoint(ckpt_dir)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export in a process of the same id
-    tmp.mkdir(parents=True)
-    try:
-        written = {}
+    weights = read_checkpoint(ckpt_dir, trust_remote_code=trust_remote_code)
+    _progress(f"read the trained weights of {ckpt_dir}")
+    written = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for kind in kinds:
             target = tmp / kind if format == "both" else tmp
             final = out / kind if format == "both" else out
@@ -126,10 +124,6 @@ def export(
             else:  # streamed from the base tensor by tensor, LoRA merged
                 write_merged(weights, target, DTYPES[dtype], tok)
             written[kind] = final
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     config = json.loads((written[kinds[-1]] / "config.json").read_text())
     return ExportResult(
         checkpoint=ckpt_dir,
@@ -147,6 +141,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     from longctx.checkpoint import COMPLETE_MARKER
     from longctx.evaluate import resolve_model_dir
 
+    if not Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is not a directory: give a checkpoints/step_N dir or a training run dir")
     ckpt_dir, is_checkpoint = resolve_model_dir(path)
     if not is_checkpoint:
         raise UserError(
@@ -160,12 +156,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return ckpt_dir
 
 
-def _load_run_config(ckpt_dir: Path) -> RunConfig:
+def _load_run_config(ckpt_dir: Path, trust_remote_code: bool) -> RunConfig:
     from longctx.checkpoint import load_run_config
     from longctx.config import ConfigError
 
     try:
-        return load_run_config(ckpt_dir)
+        return load_run_config(ckpt_dir, trust_remote_code=trust_remote_code)
     except ConfigError as e:
         raise UserError(
             f"checkpoint {ckpt_dir} has a config.yaml this longctx version cannot read ({e}): "
@@ -275,17 +271,6 @@ def _embedding_names(cfg: RunConfig, hf_config) -> tuple[str, str]:
     return names[id(model.get_input_embeddings())], names[id(model.get_output_embeddings())]
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished tmp dir to out; an existing out (allowed by --overwrite) is removed only after that."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def _progress(message: str) -> None:
     print(f"export: {message}", file=sys.stderr, flush=True)
 
@@ -303,6 +288,7 @@ def run_export(args) -> int:
         dtype=args.dtype,
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
     print(result.summary())
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from longctx import checkpoint
+from longctx.atomic import write_json_atomic
 from longctx.config import RunConfig
 from longctx.errors import UserError
 from longctx.tensor_files import SafetensorsReader, ShardedWriter, TensorSpec
@@ -101,14 +102,17 @@ class TrainedWeights:
         return bnb_functional.dequantize_4bit(codes, state).to(compute)
 
 
-def read_checkpoint(ckpt_dir: str | os.PathLike) -> TrainedWeights:
-    """The trained weights of a complete checkpoint, checked against the base that model.path holds now."""
+def read_checkpoint(ckpt_dir: str | os.PathLike, *, trust_remote_code: bool = False) -> TrainedWeights:
+    """The trained weights of a complete checkpoint, checked against the base that model.path holds now.
+
+    trust_remote_code comes from the caller (the command line or the running run's config), never from the
+    checkpoint's config.yaml."""
     path = Path(ckpt_dir)
     if not (path / checkpoint.COMPLETE_MARKER).is_file():
         raise UserError(
             f"{path} is not a complete checkpoint (no {checkpoint.COMPLETE_MARKER} marker): pick a checkpoints/step_N"
         )
-    cfg = checkpoint.load_run_config(path)
+    cfg = checkpoint.load_run_config(path, trust_remote_code=trust_remote_code)
     checkpoint.check_base(path, cfg)
     record = checkpoint.read_base_record(path) or {}
     replaced, lora_a, lora_b = {}, {}, {}
@@ -247,18 +251,16 @@ def write_merged(
         tokenizer.save_hf(directory)
 
 
-def write_final_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def write_final_model(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None, *, trust_remote_code: bool = False
+) -> Path:
     """The end of a run: a checkpoint's trained model in the run's dtype as a HF directory, written atomically."""
-    weights = read_checkpoint(ckpt_dir)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_merged(weights, tmp, weights.dtype, tokenizer)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    from longctx.atomic import atomic_dir
+
+    weights = read_checkpoint(ckpt_dir, trust_remote_code=trust_remote_code)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_merged(weights, tmp, weights.dtype, tokenizer)
+    return Path(out_dir)
 
 
 def load_trained_model(
@@ -332,9 +334,7 @@ def add_legacy_rope_keys(config_file: Path) -> None:
         config["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
     if "rope_theta" in rope_parameters:
         config["rope_theta"] = rope_parameters["rope_theta"]
-    tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
+    write_json_atomic(config_file, config, indent=2)
 
 
 def _write_generation_config(cfg: RunConfig, hf_config, directory: Path) -> None:

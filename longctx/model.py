@@ -57,11 +57,24 @@ def load_hf_config(cfg: RunConfig):
         return AutoConfig.from_pretrained(
             _checked_model_dir(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code
         )
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     init = dict(cfg.model.init)
+    model_type = init.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.5)
+        raise UserError(
+            f"model.init.model_type={model_type} is not a transformers model type"
+            + (f" (closest: {', '.join(close)})" if close else "")
+            + ": use e.g. llama, mistral or qwen2"
+        )
     try:
-        return AutoConfig.for_model(init.pop("model_type"), **init)
+        return AutoConfig.for_model(model_type, **init)
     except (ValueError, TypeError) as e:
-        raise UserError(f"model.init is not a valid Hugging Face config ({e}): fix the model.init fields") from None
+        said = str(e).splitlines()[0][:150]
+        raise UserError(f"model.init is not a valid {model_type} config ({said}): fix the model.init fields") from None
 
 
 # The files of a Hub model that longctx reads: weights, configs, tokenizer and chat template (no .bin/.gguf/onnx/...).

@@ -33,9 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longctx.data import IGNORE_INDEX
 from longctx.errors import UserError
-
-IGNORE_INDEX = -100
 
 # attn_implementation names under which the sequence-parallel wrappers are registered with transformers.
 ULYSSES_ATTENTION = {"s2attn": "s2attn_ulysses", "sdpa": "sdpa_ulysses"}

@@ -750,8 +750,14 @@ def resolve_preset(name: str) -> Path:
     shipped = PRESETS_DIR / f"{name.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-    raise UserError(f"unknown preset {name!r}: give a YAML path or one of {names}")
+    import difflib
+
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(Path(name).stem, names, n=3, cutoff=0.3) or names[:3]
+    raise UserError(
+        f"{name} is neither a YAML file nor a shipped preset: give a YAML path or a preset name such as "
+        f"{', '.join(close)} (all in launch/presets/)"
+    )
 
 
 def run_plan(args) -> int:

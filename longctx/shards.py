@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from longctx.atomic import PARTIAL_SUFFIX, write_json_atomic
 from longctx.errors import UserError
 
 FORMAT_NAME = "longctx-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
 
 
 def token_dtype_for(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -53,14 +53,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 1) -> None:
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def shard_names(index: int) -> tuple[str, str]:
@@ -243,11 +235,23 @@ class ShardSet:
                 )
         self._verified.add(shard)
 
-    def verify(self) -> None:
-        """Hash every file and compare with the manifest; UserError on the first mismatch."""
-        for shard in range(len(self._records)):
+    def verify(self, progress: bool = False) -> None:
+        """Hash every file and compare with the manifest; UserError on the first mismatch. progress: a bar on
+        stderr, in bytes (shown on a terminal only)."""
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(r["tokens_bytes"] + r["docs_bytes"] + r.get("mask_bytes", 0) for r in self._records)
+            desc, tty = f"checking {self.directory}", os.isatty(2)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=not tty)
+        for shard, r in enumerate(self._records):
             if shard not in self._verified:
                 self._verify_shard(shard)
+            if bar is not None:
+                bar.update(r["tokens_bytes"] + r["docs_bytes"] + r.get("mask_bytes", 0))
+        if bar is not None:
+            bar.close()
 
     def _open_shard(self, shard: int) -> tuple[np.memmap, np.ndarray]:
         if shard not in self._tokens:

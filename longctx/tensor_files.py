@@ -213,6 +213,61 @@ def _read_header(path: Path) -> dict[str, tuple[int, TensorSpec]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checking a model directory's weights before anything is built from them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_safetensors_file(path: Path) -> None:
+    """A readable header, and exactly as many data bytes as the header's tensors end at (catches truncation)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > os.path.getsize(path):
+                raise ValueError(f"its header claims {length} bytes")
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError) as e:
+        said = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable safetensors file ({said}): re-download or re-export it") from None
+    expected, size = 8 + length + max(ends, default=0), path.stat().st_size
+    if size < expected:
+        raise UserError(
+            f"{path} is truncated ({size:,} of {expected:,} bytes; an interrupted copy or download leaves this): "
+            "copy, download or write it again"
+        )
+
+
+def check_model_weights(directory: str | os.PathLike) -> None:
+    """A Hugging Face model directory has its weights, whole: the safetensors file or every file its index names,
+    each with a readable header and all its bytes; or PyTorch .bin files (transformers reads them weights-only)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise UserError(f"{index} is not a safetensors index (no weight_map): re-download the model") from None
+        missing = [name for name in names if not (directory / name).is_file()]
+        if missing:
+            raise UserError(
+                f"{directory} lacks {len(missing)} weight file(s) its index names, e.g. {missing[0]}: the download "
+                "is incomplete; download the model again"
+            )
+        files = [directory / name for name in names]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif any(directory.glob("pytorch_model*.bin")):
+        return
+    else:
+        raise UserError(
+            f"{directory} has config.json but no weights (model.safetensors, its index, or pytorch_model.bin): "
+            "download the weights too, or point at a complete model directory"
+        )
+    for path in files:
+        check_safetensors_file(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Fingerprint of a model directory
 # ----------------------------------------------------------------------------------------------------------------
 

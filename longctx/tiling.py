@@ -28,10 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from longctx.data import IGNORE_INDEX
 from longctx.errors import UserError
-
-IGNORE_INDEX = -100
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiled MLP

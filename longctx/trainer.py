@@ -11,14 +11,11 @@ steps), so sequences with padding or short documents weigh what their tokens wei
 from __future__ import annotations
 
 import contextlib
-import datetime
-import io
 import json
 import math
 import os
 import resource
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -31,13 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longctx import checkpoint, parallel, tiling
+from longctx.atomic import write_text_atomic
 from longctx.config import MemoryConfig, RunConfig, save_config
+from longctx.data import IGNORE_INDEX
+from longctx.distributed import init_distributed
 from longctx.ds_config import resolve_deepspeed_config
 from longctx.errors import UserError
 from longctx.feasibility import check_run
 from longctx.model import build_model, count_parameters, load_hf_config, resolve_model_path
-
-IGNORE_INDEX = -100
 
 # Exit status of a run stopped by SIGTERM or SIGUSR1 after writing a complete checkpoint (EX_TEMPFAIL: "try
 # again"): launch/slurm.sbatch requeues the job on it and tells it apart from a crash.
@@ -98,37 +96,6 @@ OOM_MESSAGE = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a 1-rank group when started without a launcher."""
-    # Said, not guessed: DeepSpeed otherwise warns on every rank of a CPU run that it fell back to the CPU.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port for the 1-rank rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        # DeepSpeed prints a line each time it loads its CPU communication op: shown with --debug only.
-        debug = os.environ.get("LONGCTX_DEBUG")
-        chatter = contextlib.nullcontext() if debug else contextlib.redirect_stdout(io.StringIO())
-        try:
-            with chatter:
-                deepspeed.init_distributed(
-                    dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                    timeout=datetime.timedelta(seconds=int(os.environ.get("LONGCTX_RENDEZVOUS_TIMEOUT_S", 1800))),
-                )
-        except (RuntimeError, dist.DistError) as e:  # the store's timeout or refusal: say which address it tried
-            raise UserError(
-                f"rendezvous with rank 0 at MASTER_ADDR:MASTER_PORT={address} failed ({str(e).splitlines()[0]}): "
-                "check that this address is reachable from every node and the port is free"
-            ) from None
-
-
 @contextlib.contextmanager
 def partitioned_loading(cfg: RunConfig, ds_config: dict[str, Any]):
     """Under ZeRO-3, let transformers load model.path inside deepspeed.zero.Init, so that each rank only ever
@@ -173,8 +140,10 @@ def lr_lambda(cfg: RunConfig):
     return multiplier
 
 
-def load_train_dataset(cfg: RunConfig, hf_config):
-    """data.train as a PackedDataset, refused unless its seq_len, vocabulary and tokenizer are the model's."""
+def load_train_dataset(cfg: RunConfig, hf_config, *, verify: bool = False):
+    """data.train as a PackedDataset, refused unless its seq_len, vocabulary and tokenizer are the model's.
+
+    verify: hash every shard file now (else each is hashed when first read)."""
     from data_prep.tokenizer import check_shards_tokenizer
     from longctx.data import PackedDataset
 
@@ -187,6 +156,8 @@ def load_train_dataset(cfg: RunConfig, hf_config):
         isolate_documents=cfg.attention.isolate_documents,
     )
     check_shards_tokenizer(cfg.model.path, dataset.manifest, cfg.data.train)
+    if verify:
+        dataset.shards.verify(progress=True)
     return dataset
 
 
@@ -300,13 +271,31 @@ def startup_stage(what: str, fix: str):
         raise UserError(f"{what} failed ({type(e).__name__}: {said}): {fix}") from e
 
 
+def preflight(cfg: RunConfig) -> Path | None:
+    """What only reading the run's inputs decides, before a process group, a model or a file exists: the config
+    against the model's config.json, the model's weight files (present, not truncated), and the checkpoint to
+    resume (complete, this run's, the same base). Returns that checkpoint, or None."""
+    from longctx.tensor_files import check_model_weights
+
+    check_run(cfg, load_hf_config(cfg))
+    if cfg.model.path:
+        check_model_weights(cfg.model.path)
+    resume_from = checkpoint.find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, cfg)
+        checkpoint.check_complete(resume_from, int(os.environ.get("WORLD_SIZE", "1")))
+    return resume_from
+
+
 def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     """Process group, DeepSpeed JSON, model, data, engine, and the checkpoint to resume from: everything but steps."""
     # Deprecations inside DeepSpeed's and peft's own calls, one per collective: nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     cfg = resolve_model_path(cfg)  # a Hub id: its snapshot in the HF cache, the directory every step below reads
-    check_run(cfg, load_hf_config(cfg))  # what only the config and config.json decide, before anything is built
+    resume_from = preflight(cfg)
+    if dataset is None:  # rank 0 hashes every shard file before anything is created; the others as they read
+        dataset = load_train_dataset(cfg, load_hf_config(cfg), verify=int(os.environ.get("RANK", "0")) == 0)
     init_distributed()  # it names the accelerator before DeepSpeed is imported
     import deepspeed
 
@@ -316,13 +305,7 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     ds_config = resolve_deepspeed_config(cfg, world_size)
     sp = parallel.init_sequence_parallel(cfg.parallel.sequence_parallel_size)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    resume_from = checkpoint.find_resume_checkpoint(cfg)
-    if resume_from is not None:
-        checkpoint.check_resumable(resume_from, cfg)
     output_dir = Path(cfg.train.output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
 
     torch.manual_seed(cfg.train.seed)
     with startup_stage("loading the model", "check model.path, model.dtype and quant.* (--debug shows where)"):
@@ -337,8 +320,6 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
         implementation=cfg.attention.implementation,
         mode=cfg.parallel.sequence_parallel_mode,
     )
-    if dataset is None:
-        dataset = load_train_dataset(cfg, model.config)
     # The ranks of a sequence group read the same sequences: the sampler splits over data-parallel groups only.
     sampler = ResumableDistributedSampler(
         len(dataset), num_replicas=sp.data_parallel_size, rank=sp.data_parallel_rank, seed=cfg.train.seed
@@ -376,9 +357,13 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
             "resume with the world size and longctx version that wrote it, or start over with train.resume=none"
         )
         with startup_stage(f"resuming from {resume_from}", resume_fix):
-            state = checkpoint.load_checkpoint(engine, resume_from)
+            state = checkpoint.load_checkpoint(engine, resume_from, trust_pickles=cfg.train.trust_checkpoint_pickles)
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
+    # Only now, with the model, the data, the engine and the resumed state in hand, does the run write anything.
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
     metrics = MetricsLog(output_dir, rank, resumed_at=step, total_steps=cfg.train.max_steps)
     metrics.message(
         f"training {num_trainable:,} of {num_total:,} parameters on {world_size} rank(s): "
@@ -462,7 +447,12 @@ def finish(run: Run, last_save: Path | None) -> dict[str, Any]:
         from longctx.merge import write_final_model
 
         run.metrics.message(f"writing the final model to {final_dir}")
-        write_final_model(last_save, final_dir, tokenizer=shards_tokenizer(run.cfg, run.dataset))
+        write_final_model(
+            last_save,
+            final_dir,
+            tokenizer=shards_tokenizer(run.cfg, run.dataset),
+            trust_remote_code=run.cfg.model.trust_remote_code,
+        )
     return run.metrics.close(step=run.cfg.train.max_steps, checkpoint=str(last_save), final_model=str(final_dir))
 
 
@@ -538,6 +528,4 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -303,7 +303,7 @@ def test_model_shape_from_a_config_json_without_weights(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: resolve_preset("llama2-1t-1m"), "unknown preset 'llama2-1t-1m'"),
+        (lambda: resolve_preset("llama2-1t-1m"), "llama2-1t-1m is neither a YAML file nor a shipped preset"),
         (lambda: plan_run(preset("llama2-7b-100k"), Cluster(1, 8, 0, 1024)), "--gpu-memory-gb=0 must be > 0"),
         (lambda: plan_run(preset("llama2-7b-100k"), Cluster(1, 8, -80, 1024)), "--gpu-memory-gb=-80 must be > 0"),
         (

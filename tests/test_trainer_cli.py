@@ -115,7 +115,9 @@ def test_shards_must_match_the_models_vocabulary_and_tokenizer(corpus, tmp_path)
     # ...shards packed with another tokenizer of the same size are refused.
     other_shards = pack_shards(corpus, corpus / "other.model", 64, tmp_path / "other")
     cfg = load_config(RunConfig, None, [f"model.path={model_dir}", "train.seq_len=64", f"data.train={other_shards}"])
-    with pytest.raises(UserError, match="packed with tokenizer other.model .* re-pack the data") as e:
+    with pytest.raises(
+        UserError, match="packed with tokenizer other.model, not the one in model.path=.*: re-pack them"
+    ) as e:
         load_train_dataset(cfg, hf_config)
     assert "\n" not in str(e.value)
 

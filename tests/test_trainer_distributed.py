@@ -47,6 +47,9 @@ def test_two_ranks_zero3_train_like_one_rank_and_touch_only_lora_embed_norm(tmp_
         timeout=600,
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    # DeepSpeed's CPU allreduce leaves a 66 MB /dev/shm file per rank unless longctx removes it (longctx.distributed).
+    left = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29517_*"))
+    assert not left, f"the run left {left} in /dev/shm"
     one = subprocess.run(
         # The whole global batch in one micro batch: the plain token mean, whatever the weighting across micro
         # batches and ranks does; 2 ranks × 2 accumulation steps must reproduce it.

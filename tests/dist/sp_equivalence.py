@@ -26,9 +26,11 @@ from deepspeed.utils import safe_get_full_grad
 
 from longctx import parallel
 from longctx.config import RunConfig, load_config
+from longctx.data import IGNORE_INDEX
+from longctx.distributed import init_distributed
 from longctx.ds_config import resolve_deepspeed_config
 from longctx.model import build_model
-from longctx.trainer import IGNORE_INDEX, init_distributed, token_loss_sum
+from longctx.trainer import token_loss_sum
 
 TINY_LLAMA = (
     "model.init={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "

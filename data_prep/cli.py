@@ -1,4 +1,4 @@
-"""`longctx prep tokenizer | pack | inspect`: argument declarations (cheap) and their handlers (imported lazily)."""
+"""`longctx prep tokenizer | pack | sft | inspect`: argument declarations (cheap), handlers (imported lazily)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,38 @@ def add_prep_commands(commands) -> None:
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     pack.set_defaults(run=_run_pack)
 
+    sft = sub.add_parser(
+        "sft",
+        help="render instruction data with a chat template, mask the prompts, pack conversations into shards",
+        description="Reads Alpaca (instruction/input/output), ShareGPT (conversations) and OpenAI (messages) records "
+        "from .jsonl, .json, .parquet or a dataset saved with save_to_disk. Options not given come from --config (a "
+        "YAML SFTConfig, e.g. a previous run's prep_config.yaml), then from the defaults.",
+    )
+    sft.add_argument("--config", metavar="YAML", help="SFTConfig preset to start from")
+    sft.add_argument("--input", nargs="+", dest="inputs", metavar="PATH", help=".jsonl, .json, .parquet, dataset dir")
+    sft.add_argument("--tokenizer", metavar="DIR", help="the model's Hugging Face directory (tokenizer.json)")
+    sft.add_argument(
+        "--template", help="chat template: model (the tokenizer's own, default), llama-2, alpaca, vicuna, or a .jinja"
+    )
+    sft.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence")
+    sft.add_argument("--out", metavar="DIR", help="output directory")
+    sft.add_argument("--loss-on", choices=["all", "last"], dest="loss_on", help="assistant turns trained on")
+    sft.add_argument(
+        "--packing", choices=["pack", "pad"], help="pack: conversations share sequences, isolated; pad: one each"
+    )
+    sft.add_argument(
+        "--overlong", choices=["truncate", "drop"], help="over seq_len: truncate the context (answer kept) or drop"
+    )
+    sft.add_argument("--val-fraction", type=float, dest="val_fraction", help="fraction of conversations for validation")
+    sft.add_argument("--seed", type=int, help="seed of the shuffle and the split")
+    sft.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, help="keep the input order")
+    sft.add_argument("--sequences-per-shard", type=int, dest="sequences_per_shard", help="sequences per shard file")
+    sft.add_argument("--window-records", type=int, dest="window_records", help="records per packing/resume window")
+    sft.add_argument("--token-dtype", choices=["auto", "uint16", "uint32"], dest="token_dtype")
+    sft.add_argument("--overwrite", action="store_true", help="replace output prepared with other options")
+    sft.add_argument("--quiet", action="store_true", help="no progress bar")
+    sft.set_defaults(run=_run_sft)
+
     inspect = sub.add_parser("inspect", help="print a shard set's manifest, verify checksums, decode a sample")
     inspect.add_argument("dir", help="a shard set (e.g. OUT/train) or a pack output directory")
     inspect.add_argument("--tokenizer", metavar="PATH", help="tokenizer to decode with (default: from the manifest)")
@@ -63,6 +95,12 @@ def add_prep_commands(commands) -> None:
 _PACK_FIELDS = (
     "inputs weights tokenizer seq_len out glob text_field add_bos add_eos doc_start doc_end min_doc_tokens "
     "max_doc_tokens dedup val_fraction seed shuffle tail sequences_per_shard num_workers window_docs token_dtype strict"
+).split()
+
+
+_SFT_FIELDS = (
+    "inputs tokenizer template seq_len out loss_on packing overlong val_fraction seed shuffle sequences_per_shard "
+    "window_records token_dtype"
 ).split()
 
 
@@ -98,9 +136,27 @@ def _run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sft(args: argparse.Namespace) -> int:
+    from data_prep.sft import format_summary, prepare_sft
+    from longctx.config import SFTConfig, from_dict, load_config, to_dict
+
+    base = to_dict(load_config(SFTConfig, args.config))
+    given = {name: getattr(args, name) for name in _SFT_FIELDS if getattr(args, name) is not None}
+    config = from_dict(SFTConfig, {**base, **given})
+    summary = prepare_sft(config, overwrite=args.overwrite, progress=not args.quiet)
+    if summary["already_complete"]:
+        print(f"{config.out}: already complete (same options); nothing to do. Use --overwrite to prepare again.")
+        return 0
+    print(f"prepared into {config.out}:")
+    print(format_summary(summary))
+    return 0
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
+
+    import numpy as np
 
     from data_prep.tokenizer import load_tokenizer
     from longctx.config import PrepConfig, from_dict
@@ -123,7 +179,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
             continue
         if not 0 <= args.sample < len(shards):
             raise UserError(f"--sample {args.sample} is out of range: {d} has {len(shards)} sequences")
-        tokenizer_path = args.tokenizer or from_dict(PrepConfig, manifest["prep_config"]).tokenizer
+        tokenizer_path = args.tokenizer or manifest["tokenizer"].get("path")
+        tokenizer_path = tokenizer_path or from_dict(PrepConfig, manifest["prep_config"]).tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
         if tokenizer.identity["sha256"] != manifest["tokenizer"]["sha256"]:
             raise UserError(
@@ -132,4 +189,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         tokens = shards[args.sample][: shards.num_valid(args.sample)]
         print(f"sequence {args.sample}: document starts at {shards.doc_starts(args.sample).tolist()[:20]}")
         print(repr(tokenizer.decode(tokens)[: args.chars]))
+        mask = shards.loss_mask(args.sample)
+        if mask is not None:  # supervised shards: what the loss is computed on
+            edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+            answers = [tokenizer.decode(tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])]
+            line = f"trained on {int(mask.sum())} of {len(tokens)} tokens, {len(answers)} spans: {answers[:5]!r}"
+            print(line[: args.chars])
     return 0

@@ -271,6 +271,14 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: (ids (n,) int64, character offsets (n, 2) int64 of each token in the text). Special tokens
+        written in the text (a chat template's `<|im_start|>`, `<s>`) are encoded as those tokens."""
+        return [
+            (np.asarray(e.ids, dtype=np.int64), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)
+        ]
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 

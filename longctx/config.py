@@ -114,6 +114,55 @@ class PrepConfig:
             errors.append(f"prep.window_docs={self.window_docs} must be >= 1, e.g. 4096")
 
 
+@dataclass
+class SFTConfig:
+    """Options of `longctx prep sft` (instruction data → masked, packed shards); saved with its shards."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Instruction data: .jsonl, .json (a list of records), .parquet, or a `save_to_disk` dataset directory. Each
+    record is Alpaca (instruction, input, output), ShareGPT (conversations of from/value) or OpenAI (messages of
+    role/content)."""
+    tokenizer: str = ""
+    """The model's Hugging Face directory (tokenizer.json; its chat template, if any)."""
+    template: str = "model"
+    """Chat template. model: the tokenizer's own; llama-2 (LongLoRA's [INST] format), alpaca, vicuna (LongQLoRA's):
+    built in, for base models without one; or a .jinja file."""
+    seq_len: int = 8192
+    """Tokens per packed sequence."""
+    out: str = ""
+    """Output directory for shards + manifest."""
+    loss_on: Literal["all", "last"] = "all"
+    """Which assistant turns are trained on: all of them, or the last one only; everything else is masked."""
+    packing: Literal["pack", "pad"] = "pack"
+    """pack: several conversations per sequence, each its own document (train with attention.isolate_documents);
+    pad: one conversation per sequence, padded."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """A conversation longer than seq_len: truncate its context (the middle of what precedes the last answer; the
+    answer is kept whole) or drop it. Both are counted."""
+    val_fraction: float = 0.0
+    """Fraction of conversations put in the validation split."""
+    seed: int = 0
+    """Seed of the shuffle and the train/validation assignment."""
+    shuffle: bool = True
+    """Shuffle the sequences (deterministically, by seed) within each window."""
+    sequences_per_shard: int = 1024
+    """Sequences per shard file."""
+    window_records: int = 1024
+    """Records packed together (conversations are packed best-fit within a window); each window is a resume point."""
+    token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token dtype on disk. auto: uint16 when the vocabulary fits (<= 65535 ids), else uint32."""
+
+    def validate(self, errors: list[str]) -> None:
+        if self.seq_len < 2:
+            errors.append(f"sft.seq_len={self.seq_len} is too small: use at least 2 tokens per sequence")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errors.append(f"sft.val_fraction={self.val_fraction} is outside [0, 1): e.g. 0.01 for 1% of conversations")
+        if self.sequences_per_shard < 1:
+            errors.append("sft.sequences_per_shard must be >= 1")
+        if self.window_records < 1:
+            errors.append(f"sft.window_records={self.window_records} must be >= 1, e.g. 1024")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training / evaluation
 # ----------------------------------------------------------------------------------------------------------------

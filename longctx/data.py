@@ -16,11 +16,12 @@ import torch
 from longctx.errors import UserError
 from longctx.shards import open_shards
 
-IGNORE_INDEX = -100  # labels that the loss skips (tail padding)
+IGNORE_INDEX = -100  # labels that the loss skips (tail padding, and prompts in supervised shards)
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """`ds[i]` = {input_ids, labels, position_ids}, each (seq_len,) int64; labels are -100 on tail padding.
+    """`ds[i]` = {input_ids, labels, position_ids}, each (seq_len,) int64; labels are -100 on tail padding and, in
+    supervised shards (`longctx prep sft`), wherever the stored loss mask is 0 (prompts, padding).
 
     position_ids run 0..N-1, or restart at 0 at every document start when `isolate_documents` (the attention then
     keeps documents apart by the same restarts; see the S²-Attn definition in DESIGN.md).
@@ -56,6 +57,11 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"(sha256 {m['tokenizer']['sha256'][:12]}), not the run's {tokenizer_identity.get('name')}: "
                 "re-pack with the model's tokenizer"
             )
+        if m.get("sft", {}).get("packing") == "pack" and not isolate_documents:
+            raise UserError(
+                f"shards in {directory} pack several conversations per sequence, which would attend to each other: "
+                "set attention.isolate_documents=true (or re-pack with `prep sft --packing pad`)"
+            )
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -67,6 +73,9 @@ class PackedDataset(torch.utils.data.Dataset):
         labels = input_ids.clone()
         num_valid = self.shards.num_valid(i)
         labels[num_valid:] = IGNORE_INDEX
+        mask = self.shards.loss_mask(i)
+        if mask is not None:
+            labels[torch.from_numpy(~mask)] = IGNORE_INDEX
         if self.isolate_documents:
             position_ids = _positions_restarting_at(self.shards.doc_starts(i), seq_len)
         else:

@@ -8,9 +8,15 @@ A shard set is a directory:
     shard-00000.docs.npy     document boundaries in CSR form (int64): the first num_sequences + 1 values are
                              offsets into the rest, which are the positions inside each sequence where a
                              document starts (a document continued from the previous sequence has none)
+    shard-00000.mask         (supervised sets only, `longctx prep sft`) the loss mask: one bit per token, 1 where
+                             the token is a training target (an assistant's answer), rows of ceil(seq_len / 8)
+                             bytes, little bit order (np.packbits(..., bitorder="little")); absent in sets from
+                             `prep pack`, where every token is a target
 
 Every file appears under its final name only when complete (written under a `.partial` name, then renamed).
 Only the last sequence of a set can be padded; `manifest["last_num_valid"]` says how many of its tokens are real.
+A set with masks is format version 2 (MASKED_FORMAT_VERSION), so that a reader that knows nothing of masks refuses
+it instead of training on the prompts; sets without masks stay version 1.
 
 Checksums are verified lazily by the reader: the first time a shard is touched in a process, its files are hashed
 and compared with the manifest (and the sizes of all files are checked at open), so corrupt data is never
@@ -32,6 +38,7 @@ from longctx.errors import UserError
 
 FORMAT_NAME = "longctx-shards"
 FORMAT_VERSION = 1
+MASKED_FORMAT_VERSION = 2  # the same layout plus a `.mask` file per shard
 MANIFEST = "manifest.json"
 
 
@@ -59,6 +66,14 @@ def shard_names(index: int) -> tuple[str, str]:
     return f"shard-{index:05d}.tokens", f"shard-{index:05d}.docs.npy"
 
 
+def mask_name(index: int) -> str:
+    return f"shard-{index:05d}.mask"
+
+
+def mask_row_bytes(seq_len: int) -> int:
+    return (seq_len + 7) // 8
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,13 +85,24 @@ class ShardWriter:
     The shard being filled lives in `shard-XXXXX.tokens.partial`, appended to; its document starts stay in memory
     (and in `state()`). When it holds `sequences_per_shard` sequences it is hashed and renamed into place.
     `ShardWriter(..., state=old_state)` continues from an earlier `state()`, truncating the partial file to what
-    that state had, so a killed run resumes to byte-identical output.
+    that state had, so a killed run resumes to byte-identical output. With `with_mask`, every `add` also takes the
+    loss mask of its sequences, appended to `shard-XXXXX.mask.partial` the same way.
     """
 
-    def __init__(self, directory: Path, seq_len: int, dtype: np.dtype, sequences_per_shard: int, state=None):
+    def __init__(
+        self,
+        directory: Path,
+        seq_len: int,
+        dtype: np.dtype,
+        sequences_per_shard: int,
+        state=None,
+        *,
+        with_mask: bool = False,
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.seq_len, self.dtype, self.sequences_per_shard = seq_len, np.dtype(dtype), sequences_per_shard
+        self.with_mask = with_mask
         self.completed: list[dict[str, Any]] = []
         self.pending_counts: list[int] = []  # document starts per pending sequence
         self.pending_starts: list[int] = []
@@ -85,30 +111,44 @@ class ShardWriter:
             self.pending_counts = list(state["pending_counts"])
             self.pending_starts = list(state["pending_starts"])
         self._recover_partial()
-        self._file = open(self._partial_path(), "ab")
+        self._open_partials()
 
     # -- resume ----------------------------------------------------------------------------------------------------
 
     def _partial_path(self) -> Path:
         return self.directory / (shard_names(len(self.completed))[0] + PARTIAL_SUFFIX)
 
+    def _mask_partial_path(self) -> Path:
+        return self.directory / (mask_name(len(self.completed)) + PARTIAL_SUFFIX)
+
+    def _open_partials(self) -> None:
+        self._file = open(self._partial_path(), "ab")
+        self._mask_file = open(self._mask_partial_path(), "ab") if self.with_mask else None
+
     def _recover_partial(self) -> None:
         """Bring the directory back to exactly what the state describes; later files are rebuilt identically."""
         index = len(self.completed)
-        partial, final = self._partial_path(), self.directory / shard_names(index)[0]
-        if not partial.exists() and final.exists():  # the shard was completed after the state was saved
-            os.replace(final, partial)
-        with open(partial, "ab") as f:
-            f.truncate(len(self.pending_counts) * self.seq_len * self.dtype.itemsize)
-        keep = {name for record in self.completed for name in (record["tokens"], record["docs"])} | {partial.name}
+        partials = [(self._partial_path(), shard_names(index)[0], self.seq_len * self.dtype.itemsize)]
+        if self.with_mask:
+            partials.append((self._mask_partial_path(), mask_name(index), mask_row_bytes(self.seq_len)))
+        for partial, final_name, row_bytes in partials:
+            final = self.directory / final_name
+            if not partial.exists() and final.exists():  # the shard was completed after the state was saved
+                os.replace(final, partial)
+            with open(partial, "ab") as f:
+                f.truncate(len(self.pending_counts) * row_bytes)
+        names = ("tokens", "docs", "mask")
+        keep = {record[k] for record in self.completed for k in names if k in record} | {p.name for p, _, _ in partials}
         for path in self.directory.glob("shard-*"):
             if path.name not in keep:
                 path.unlink()
 
     def state(self) -> dict[str, Any]:
         """Flush to disk and return what a resumed writer needs (JSON-serializable)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        for f in (self._file, self._mask_file):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
         return {
             "completed": list(self.completed),
             "pending_counts": list(self.pending_counts),
@@ -117,14 +157,21 @@ class ShardWriter:
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
-    def add(self, sequences: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray) -> None:
-        """Append sequences (K, seq_len); starts of sequence k: doc_starts[doc_offsets[k] : doc_offsets[k + 1]]."""
+    def add(
+        self, sequences: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray, masks: np.ndarray | None = None
+    ) -> None:
+        """Append sequences (K, seq_len); starts of sequence k: doc_starts[doc_offsets[k] : doc_offsets[k + 1]];
+        masks (K, seq_len) bool, True on training targets: given exactly when the writer is `with_mask`."""
+        assert (masks is not None) == self.with_mask, "a masked writer takes masks, an unmasked one none"
         counts = np.diff(doc_offsets)
         k = 0
         while k < len(sequences):
             room = self.sequences_per_shard - len(self.pending_counts)
             take = min(room, len(sequences) - k)
             self._file.write(np.ascontiguousarray(sequences[k : k + take], dtype=self.dtype).tobytes())
+            if masks is not None:
+                bits = np.packbits(np.asarray(masks[k : k + take], dtype=bool), axis=1, bitorder="little")
+                self._mask_file.write(bits.tobytes())
             self.pending_counts += counts[k : k + take].tolist()
             self.pending_starts += doc_starts[doc_offsets[k] : doc_offsets[k + take]].tolist()
             k += take
@@ -135,7 +182,8 @@ class ShardWriter:
         if not self.pending_counts:
             return
         self._file.close()
-        tokens_name, docs_name = shard_names(len(self.completed))
+        index = len(self.completed)
+        tokens_name, docs_name = shard_names(index)
         partial = self._partial_path()
         docs = np.concatenate(
             [np.concatenate([[0], np.cumsum(self.pending_counts)]), np.asarray(self.pending_starts)]
@@ -152,20 +200,29 @@ class ShardWriter:
             "tokens_sha256": sha256_file(partial),
             "docs_sha256": sha256_file(docs_partial),
         }
+        if self.with_mask:
+            self._mask_file.close()
+            mask_partial = self._mask_partial_path()
+            record.update(
+                mask=mask_name(index), mask_bytes=mask_partial.stat().st_size, mask_sha256=sha256_file(mask_partial)
+            )
+            os.replace(mask_partial, self.directory / mask_name(index))
         os.replace(docs_partial, self.directory / docs_name)
-        os.replace(partial, self.directory / tokens_name)
+        os.replace(partial, self.directory / tokens_name)  # the tokens file last: its name marks the shard complete
         self.completed.append(record)
         self.pending_counts, self.pending_starts = [], []
-        self._file = open(self._partial_path(), "ab")
+        self._open_partials()
 
     def finish(self, manifest_fields: dict[str, Any]) -> dict[str, Any]:
         """Complete the last shard and write the manifest (last of all: its presence marks a complete set)."""
         self._complete_shard()
-        self._file.close()
+        self.close()
         self._partial_path().unlink(missing_ok=True)
+        if self.with_mask:
+            self._mask_partial_path().unlink(missing_ok=True)
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": MASKED_FORMAT_VERSION if self.with_mask else FORMAT_VERSION,
             "seq_len": self.seq_len,
             "dtype": self.dtype.name,
             "num_sequences": sum(r["num_sequences"] for r in self.completed),
@@ -177,6 +234,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._file.close()
+        if self._mask_file is not None:
+            self._mask_file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,28 +255,39 @@ class ShardSet:
                 "(again, to resume) to produce it"
             )
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
+        version = self.manifest.get("format_version")
+        if self.manifest.get("format") != FORMAT_NAME or version not in (FORMAT_VERSION, MASKED_FORMAT_VERSION):
             raise UserError(
-                f"{manifest_path} is not a longctx shard manifest of format version {FORMAT_VERSION}: "
-                "re-pack the corpus with this version of `longctx prep pack`"
+                f"{manifest_path} is not a longctx shard manifest of format version {FORMAT_VERSION} or "
+                f"{MASKED_FORMAT_VERSION}: re-pack the corpus with this version of `longctx prep pack` (or `prep sft`)"
             )
         self.seq_len = int(self.manifest["seq_len"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self._records = self.manifest["shards"]
+        self.has_mask = version == MASKED_FORMAT_VERSION
         self._check_sizes()
         counts = [r["num_sequences"] for r in self._records]
         self._first_index = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._tokens: dict[int, np.memmap] = {}
         self._docs: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.memmap] = {}
         self._verified: set[int] = set()
         if verify == "all":
             self.verify()
 
+    def _files(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        """(file name, manifest key prefix) of each file of shard record r."""
+        return [(r["tokens"], "tokens"), (r["docs"], "docs")] + ([(r["mask"], "mask")] if self.has_mask else [])
+
     def _check_sizes(self) -> None:
         """Cheap check at open: every file exists with the size the manifest says (catches truncation)."""
         for r in self._records:
-            expected = r["num_sequences"] * self.seq_len * self.dtype.itemsize
-            for name, size in ((r["tokens"], expected), (r["docs"], r["docs_bytes"])):
+            expected = {
+                "tokens": r["num_sequences"] * self.seq_len * self.dtype.itemsize,
+                "docs": r["docs_bytes"],
+                "mask": r["num_sequences"] * mask_row_bytes(self.seq_len),
+            }
+            for name, size in ((name, expected[kind]) for name, kind in self._files(r)):
                 path = self.directory / name
                 if not path.is_file() or path.stat().st_size != size:
                     raise UserError(
@@ -227,8 +297,8 @@ class ShardSet:
 
     def _verify_shard(self, shard: int) -> None:
         r = self._records[shard]
-        for name, expected in ((r["tokens"], r["tokens_sha256"]), (r["docs"], r["docs_sha256"])):
-            if sha256_file(self.directory / name) != expected:
+        for name, kind in self._files(r):
+            if sha256_file(self.directory / name) != r[f"{kind}_sha256"]:
                 raise UserError(
                     f"checksum mismatch in {self.directory / name}: the shard is corrupt; "
                     "re-run `longctx prep pack --overwrite` to rebuild it"
@@ -262,6 +332,9 @@ class ShardSet:
                 self.directory / r["tokens"], dtype=self.dtype, mode="r", shape=(r["num_sequences"], self.seq_len)
             )
             self._docs[shard] = np.load(self.directory / r["docs"], allow_pickle=False)
+            if self.has_mask:
+                shape = (r["num_sequences"], mask_row_bytes(self.seq_len))
+                self._masks[shard] = np.memmap(self.directory / r["mask"], dtype=np.uint8, mode="r", shape=shape)
         return self._tokens[shard], self._docs[shard]
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -284,6 +357,14 @@ class ShardSet:
         docs = self._open_shard(shard)[1]
         num_sequences = self._records[shard]["num_sequences"]
         return docs[num_sequences + 1 + docs[row] : num_sequences + 1 + docs[row + 1]]
+
+    def loss_mask(self, i: int) -> np.ndarray | None:
+        """(seq_len,) bool: True where token i is a training target; None for a set without masks (all are)."""
+        if not self.has_mask:
+            return None
+        shard, row = self._locate(i)
+        self._open_shard(shard)
+        return np.unpackbits(self._masks[shard][row], count=self.seq_len, bitorder="little").astype(bool)
 
     def num_valid(self, i: int) -> int:
         """Tokens of sequence i before tail padding (seq_len except possibly for the last sequence)."""

@@ -411,12 +411,16 @@ def loop(run: Run) -> Path | None:
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - start
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            step_seconds = time.perf_counter() - step_start
+            # Every rank holds a batch of the same shape: tokens processed, padding and prompts included.
+            num_tokens = sum(b["input_ids"].numel() for b in step_batches) * dist.get_world_size()
             run.metrics.log(
                 step=step,
                 loss=(loss_sum / label_tokens).item(),  # host-device sync
                 lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                tokens_per_s=label_tokens.item() / (time.perf_counter() - step_start),
+                tokens_per_s=num_tokens / step_seconds,
+                supervised_tokens_per_s=label_tokens.item() / step_seconds,  # tokens the loss is computed on
                 elapsed_s=elapsed,
                 memory_gb=peak_memory_gb(),
             )
@@ -500,7 +504,8 @@ class MetricsLog:
         v = values
         self.bar.write(
             f"step {v['step']:>6} | loss {v['loss']:.4f} | lr {v['lr']:.2e} | grad norm {v['grad_norm']:.3f} | "
-            f"{v['tokens_per_s']:,.0f} tok/s | {v['elapsed_s']:.1f}s | mem {v['memory_gb']:.2f} GB"
+            f"{v['tokens_per_s']:,.0f} tok/s ({v['supervised_tokens_per_s']:,.1f} supervised) | "
+            f"{v['elapsed_s']:.1f}s | mem {v['memory_gb']:.2f} GB"
         )
         self.file.write(json.dumps(values) + "\n")
         self.file.flush()
@@ -517,6 +522,7 @@ class MetricsLog:
             self.file.close()
             print(
                 f"done: step {summary.get('step')} | final loss {summary.get('loss', float('nan')):.4f} | "
+                f"{summary.get('supervised_tokens_per_s', 0.0):,.1f} supervised tok/s | "
                 f"{summary.get('elapsed_s', 0.0):.1f}s | checkpoint {extra['checkpoint']} | "
                 f"model {extra['final_model']}",
                 flush=True,

@@ -77,11 +77,12 @@ def _run_train(args) -> int:
 def _add_eval_commands(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
-        help="evaluate models: perplexity against context length, passkey retrieval",
+        help="evaluate models: perplexity, passkey, RULER tasks, loss by position, short-context retention",
         description="Dense attention, bf16 on GPU. Several ranks: `deepspeed --num_gpus N --module longctx.cli eval`.",
     )
     kinds = evaluate.add_subparsers(dest="eval_command", required=True, metavar="KIND")
     model_help = "NAME=DIR or DIR, repeatable: a Hugging Face model dir, a checkpoint (step_N) or a training run dir"
+    device_map_help = "balanced: spread each model's layers over every visible GPU (a model too large for one)"
 
     ppl = kinds.add_parser(
         "ppl",
@@ -113,11 +114,127 @@ def _add_eval_commands(commands) -> None:
     passkey.add_argument("--out", required=True, help="output directory")
     passkey.set_defaults(run=_run_eval)
 
+    ruler = kinds.add_parser(
+        "ruler",
+        help="RULER's synthetic tasks (needles, variable tracking, common/frequent words) per length and depth",
+        description="Prompts generated offline from --seed for the given tokenizer (its chat template applied when it "
+        "has one), answered greedily, scored as RULER scores (string_match_all, in %%). Writes ruler.json, a heat map "
+        "(depth x length) per task and model, and prints a table per model. Tasks and wording: docs/eval.md.",
+    )
+    ruler.add_argument("--model", action="append", required=True, help=model_help)
+    ruler.add_argument("--tokenizer", default="", help="tokenizer (default: the first model's directory)")
+    ruler.add_argument("--lengths", required=True, help="prompt lengths in tokens, e.g. 1024,2048,4096,8192")
+    ruler.add_argument("--tasks", default="all", help="comma-separated task names or prefixes (niah*), or all")
+    ruler.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="depths in [0, 1] of the first needle asked")
+    ruler.add_argument("--samples", type=int, default=5, help="samples per (task, length, depth)")
+    ruler.add_argument("--seed", type=int, default=0, help="seed of every sample's content")
+    ruler.add_argument(
+        "--haystack-text",
+        default=None,
+        help="corpus of the text haystacks: a text file, a directory of .txt/.md/.rst/.py, or held-out shards "
+        "(default: the Python standard library's top-level modules)",
+    )
+    ruler.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
+    ruler.add_argument("--max-new-tokens", type=int, default=0, help="cap on answer tokens (0: RULER's per task)")
+    ruler.add_argument("--device-map", choices=["none", "balanced"], default="none", help=device_map_help)
+    ruler.add_argument("--out", required=True, help="output directory")
+    ruler.set_defaults(run=_run_eval)
+
+    positions = kinds.add_parser(
+        "positions",
+        help="loss by position in the context window (buckets of positions), on held-out shards",
+        description="Non-overlapping windows of L + 1 held-out tokens, dense attention; prediction t reads t + 1 "
+        "tokens. Its loss is averaged over windows and over --buckets equal ranges of positions. Writes "
+        "positions.json and positions.png.",
+    )
+    positions.add_argument("--model", action="append", required=True, help=model_help)
+    positions.add_argument("--data", required=True, help="held-out shard directory, e.g. <prep out>/val")
+    positions.add_argument("--length", type=int, required=True, help="window length L in tokens")
+    positions.add_argument("--buckets", type=int, default=16, help="ranges of positions the loss is averaged over")
+    positions.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    positions.add_argument("--max-windows", type=int, default=0, help="score only the first N windows (0: all)")
+    positions.add_argument("--device-map", choices=["none", "balanced"], default="none", help=device_map_help)
+    positions.add_argument("--out", required=True, help="output directory")
+    positions.set_defaults(run=_run_eval)
+
+    retention = kinds.add_parser(
+        "retention",
+        help="short-context retention: perplexity at the base context on held-out domains, change from a baseline",
+        description="Windows of --base-context tokens, every held-out token scored once, per domain and model; the "
+        "change is each model's perplexity over the baseline's, minus 1. Writes retention.json.",
+    )
+    retention.add_argument("--model", action="append", required=True, help=model_help)
+    retention.add_argument(
+        "--data", action="append", required=True, help="NAME=DIR or DIR, repeatable: held-out shards of a domain"
+    )
+    retention.add_argument("--base-context", type=int, required=True, help="the base model's context, e.g. 4096")
+    retention.add_argument("--baseline", default="", help="the model compared against (default: the first)")
+    retention.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    retention.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens per domain")
+    retention.add_argument("--out", required=True, help="output directory")
+    retention.set_defaults(run=_run_eval)
+
 
 def _run_eval(args) -> int:
-    from longctx.evaluate import run_passkey, run_ppl
+    from longctx import evaluate
 
-    return run_ppl(args) if args.eval_command == "ppl" else run_passkey(args)
+    if args.eval_command == "ppl":
+        return evaluate.run_ppl(args)
+    if args.eval_command == "passkey":
+        return evaluate.run_passkey(args)
+    models = evaluate.parse_model_specs(args.model)
+    if args.eval_command == "ruler":
+        from longctx.ruler import RulerArgs, evaluate_ruler, parse_tasks
+
+        tasks = parse_tasks("*" if args.tasks == "all" else args.tasks)
+        depths = evaluate.parse_float_list(args.depths, "--depths")
+        lengths = evaluate.parse_int_list(args.lengths, "--lengths")
+        evaluate_ruler(
+            RulerArgs(
+                models=models,
+                lengths=lengths,
+                out=args.out,
+                tokenizer=args.tokenizer,
+                tasks=tasks,
+                depths=depths,
+                samples=args.samples,
+                seed=args.seed,
+                haystack_text=args.haystack_text,
+                chat_template=not args.no_chat_template,
+                device_map=args.device_map,
+                max_new_tokens=args.max_new_tokens,
+            )
+        )
+    elif args.eval_command == "positions":
+        from longctx.positions import PositionsArgs, evaluate_positions
+
+        evaluate_positions(
+            PositionsArgs(
+                models=models,
+                data=args.data,
+                length=args.length,
+                out=args.out,
+                num_buckets=args.buckets,
+                batch_size=args.batch_size,
+                max_windows=args.max_windows,
+                device_map=args.device_map,
+            )
+        )
+    else:
+        from longctx.positions import RetentionArgs, evaluate_retention, parse_data_specs
+
+        evaluate_retention(
+            RetentionArgs(
+                models=models,
+                data=parse_data_specs(args.data),
+                base_context=args.base_context,
+                out=args.out,
+                baseline=args.baseline,
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+            )
+        )
+    return 0
 
 
 def _add_export_command(commands) -> None:

@@ -7,7 +7,8 @@
    + norms, position interpolation 8× to 2048 tokens;
 4. eval: perplexity of base and extended model at 1×, 2×, 4× and 8× the base context with dense attention, on the
    held-out split, scored two ways (see EVAL_PROTOCOLS): tables, `report.json`, `report_sliding.json` and
-   `perplexity.png`;
+   `perplexity.png`; a RULER needle task at the same lengths (`eval/ruler/`) and short-context retention, perplexity at
+   256 tokens on held-out sources and on English prose (`eval/retention/`);
 5. export: the extended model as a standalone Hugging Face model in `export/`.
 
 Each stage is skipped when its output is complete, and resumes when it was interrupted, so a rerun is cheap.
@@ -88,6 +89,26 @@ EVAL_TOKENS = 32_768  # held-out tokens scored per length: a stable figure, quic
 EVAL_PROTOCOLS = {"windows": lambda length: length, "sliding": lambda length: length // 4}
 PROTOCOL_LABELS = {"windows": "windows of L", "sliding": "sliding, stride L/4"}
 PRESETS = Path(__file__).resolve().parent.parent / "launch" / "presets"
+# RULER in the demo: a 3M-parameter model trained on Python sources follows no English instruction, so the one task it
+# can do at all is copying a number out of a Python haystack (its own held-out sources): niah_single_2, the needle at
+# the start, middle and end, one sample per cell (cut samples, not lengths), answers cut at 12 tokens (a 7-digit
+# number and the words around it; the model never ends an answer by itself).
+DEMO_RULER = {"tasks": ["niah_single_2"], "depths": [0.0, 0.5, 1.0], "samples": 1, "max_new_tokens": 12}
+# The second domain of the retention check: English prose the models never saw (the licence texts Debian ships).
+PROSE_DIR = Path("/usr/share/common-licenses")
+
+
+def prepare_prose(out_dir: Path, tokenizer: Path) -> Path | None:
+    """PROSE_DIR packed with the demo tokenizer (all of it held out from the models), or None where it is absent."""
+    from data_prep.pack import pack
+    from longctx.config import PrepConfig, from_dict
+
+    if not PROSE_DIR.is_dir():
+        print(f"no {PROSE_DIR} on this machine: retention is measured on the held-out sources only")
+        return None
+    config = {"inputs": [str(PROSE_DIR)], "tokenizer": str(tokenizer), "seq_len": BASE_CONTEXT, "dedup": True}
+    pack(from_dict(PrepConfig, {**config, "out": str(out_dir / "data-prose"), "num_workers": 1}), progress=False)
+    return out_dir / "data-prose" / "train"
 
 
 def run_demo(out_dir: str | os.PathLike, *, num_procs: int = 2) -> dict:
@@ -172,6 +193,8 @@ def run_demo(out_dir: str | os.PathLike, *, num_procs: int = 2) -> dict:
         title=f"demo: {BASE_CONTEXT} → {target} tokens, dense attention",
     )
 
+    ruler, retention = evaluate_suite(models, lengths, tokenizer, long_val, out_dir)
+
     stage("export")
     result = export(
         ext_run, out_dir / "export", format="merged", dtype="fp32", tokenizer=str(tokenizer), overwrite=True
@@ -185,11 +208,40 @@ def run_demo(out_dir: str | os.PathLike, *, num_procs: int = 2) -> dict:
         print(f"{'context':>8} " + " ".join(f"{name:>10}" for name in by_model))
         for n in lengths:
             print(f"{n:>8} " + " ".join(f"{by_model[name][str(n)]:>10.2f}" for name in by_model))
+    print(format_suite(ruler, retention, lengths))
     print("stage times: " + ", ".join(f"{a} {timings[b] - timings[a]:.0f}s" for a, b in zip(names, names[1:])))
     print(f"wrote {out_dir / 'report.json'} (windows of L), {out_dir / 'report_sliding.json'} (stride L/4), ", end="")
-    print(f"{out_dir / 'perplexity.png'}, exported model {result.out}")
+    print(f"{out_dir / 'perplexity.png'}, {out_dir / 'eval' / 'ruler'}, {out_dir / 'eval' / 'retention'}, ", end="")
+    print(f"exported model {result.out}")
     print(json.dumps(report))
     return report
+
+
+def evaluate_suite(models: dict[str, str], lengths: list[int], tokenizer: Path, heldout: Path, out_dir: Path):
+    """The eval stage's RULER table and retention check (DEMO_RULER, PROSE_DIR): (ruler report, retention report)."""
+    from longctx.positions import RetentionArgs, evaluate_retention
+    from longctx.ruler import RulerArgs, evaluate_ruler
+
+    # The needles hide in held-out sources the models never trained on (decoded from the shards).
+    ruler_args = RulerArgs(models, lengths, out_dir / "eval" / "ruler", str(tokenizer), haystack_text=str(heldout))
+    ruler = evaluate_ruler(RulerArgs(**{**vars(ruler_args), **DEMO_RULER}))
+    prose = prepare_prose(out_dir, tokenizer)
+    domains = {"sources": str(heldout), **({"prose": str(prose)} if prose else {})}
+    retention_out = out_dir / "eval" / "retention"
+    retention = evaluate_retention(
+        RetentionArgs(models, domains, BASE_CONTEXT, retention_out, batch_size=4, max_tokens=EVAL_TOKENS)
+    )
+    return ruler, retention
+
+
+def format_suite(ruler: dict, retention: dict, lengths: list[int]) -> str:
+    from longctx.positions import format_retention_table
+    from longctx.ruler import format_table
+
+    depths = len(DEMO_RULER["depths"])
+    tables = [format_table(f"{name} (needle in held-out sources, {depths} depths)", result, lengths)
+              for name, result in ruler["models"].items()]  # fmt: skip
+    return "\n".join([*tables, format_retention_table(retention)])
 
 
 def _run_cli(args: list[str], num_procs: int = 1) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,13 +181,15 @@ def test_rerun_after_a_kill_between_dedup_write_and_rename(corpus, tmp_path, mon
         if Path(src).name.startswith(".prep_dedup-"):
             renames.append(src)
             if len(renames) == 2:
+                shutil.copy(src, tmp_path / "partial")  # a kill leaves it; the exception's cleanup would not
                 raise Killed
         replace(src, dst)
 
-    monkeypatch.setattr("data_prep.pack.os.replace", replace_then_die_before_the_second_dedup_rename)
+    monkeypatch.setattr("longctx.atomic.os.replace", replace_then_die_before_the_second_dedup_rename)
     with pytest.raises(Killed):
         pack(_config(corpus_dir, tok_path, tmp_path / "killed", **options), progress=False)
     monkeypatch.undo()
+    shutil.copy(tmp_path / "partial", renames[-1])
     assert Path(renames[-1]).exists() and (tmp_path / "killed" / ".prep_state.json").exists()
     pack(_config(corpus_dir, tok_path, tmp_path / "killed", **options), progress=False)
     whole, killed = _files(tmp_path / "whole"), _files(tmp_path / "killed")

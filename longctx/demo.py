@@ -96,6 +96,7 @@ PRESETS = Path(__file__).resolve().parent.parent / "launch" / "presets"
 DEMO_RULER = {"tasks": ["niah_single_2"], "depths": [0.0, 0.5, 1.0], "samples": 1, "max_new_tokens": 12}
 # The second domain of the retention check: English prose the models never saw (the licence texts Debian ships).
 PROSE_DIR = Path("/usr/share/common-licenses")
+RETENTION_TOKENS = 16_384  # held-out tokens per domain: 64 windows of 256, a few seconds per model
 
 
 def prepare_prose(out_dir: Path, tokenizer: Path) -> Path | None:
@@ -229,7 +230,7 @@ def evaluate_suite(models: dict[str, str], lengths: list[int], tokenizer: Path, 
     domains = {"sources": str(heldout), **({"prose": str(prose)} if prose else {})}
     retention_out = out_dir / "eval" / "retention"
     retention = evaluate_retention(
-        RetentionArgs(models, domains, BASE_CONTEXT, retention_out, batch_size=4, max_tokens=EVAL_TOKENS)
+        RetentionArgs(models, domains, BASE_CONTEXT, retention_out, batch_size=4, max_tokens=RETENTION_TOKENS)
     )
     return ruler, retention
 

@@ -40,21 +40,42 @@ from longctx.parallel import all_reduce_
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
     """`NAME=PATH` or `PATH` (named after the directory) → {name: path}, in the order given."""
-    models: dict[str, str] = {}
+    return parse_named_dirs(
+        specs,
+        "--model",
+        lambda directory: directory.name,
+        "give a Hugging Face model directory or a checkpoint",
+        example="--model base=runs/base",
+    )
+
+
+def parse_named_dirs(
+    specs: Sequence[str],
+    option: str,
+    default_name: Callable[[Path], str],
+    what_to_give: str,
+    *,
+    example: str,
+) -> dict[str, str]:
+    """`NAME=DIR` or `DIR` (named default_name(DIR)) → {name: dir}, in the order given; each DIR must exist.
+
+    option: the command-line option, for the messages; what_to_give: the fix when DIR is not a directory."""
+    named: dict[str, str] = {}
+    kind = option.lstrip("-")
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
-            name, path = Path(spec.rstrip("/")).name or spec, spec
+            name, path = default_name(Path(spec.rstrip("/"))) or spec, spec
         if not name or not path:
-            raise UserError(f"--model {spec!r} is not NAME=PATH or PATH: write e.g. --model base=runs/base")
-        if name in models:
+            raise UserError(f"{option} {spec!r} is not NAME=DIR or DIR: write e.g. {example}")
+        if name in named:
             raise UserError(
-                f"--model name {name!r} is given twice: name each model once (--model a=DIR1 --model b=DIR2)"
+                f"{option} name {name!r} is given twice: name each {kind} once ({option} a=DIR1 {option} b=DIR2)"
             )
         if not Path(path).is_dir():
-            raise UserError(f"model {path} is not a directory: give a Hugging Face model directory or a checkpoint")
-        models[name] = path
-    return models
+            raise UserError(f"{kind} {path} is not a directory: {what_to_give}")
+        named[name] = path
+    return named
 
 
 def eval_device() -> torch.device:

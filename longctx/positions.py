@@ -33,6 +33,7 @@ from longctx.evaluate import (
     init_distributed_from_env,
     load_eval_model,
     load_heldout_stream,
+    parse_named_dirs,
     perplexity,
 )
 from longctx.placement import check_device_map, load_for_eval
@@ -216,20 +217,13 @@ class RetentionArgs:
 
 def parse_data_specs(specs: list[str]) -> dict[str, str]:
     """`NAME=DIR` or `DIR` (named after the directory, or its parent for a `val` split) -> {name: dir}."""
-    data: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            directory = Path(spec.rstrip("/"))
-            name, path = (directory.parent.name if directory.name == "val" else directory.name) or spec, spec
-        if name in data:
-            raise UserError(
-                f"--data name {name!r} is given twice: name each domain once (--data code=DIR1 --data prose=DIR2)"
-            )
-        if not Path(path).is_dir():
-            raise UserError(f"data {path} is not a directory: give held-out shards, e.g. <prep out>/val")
-        data[name] = path
-    return data
+    return parse_named_dirs(
+        specs,
+        "--data",
+        lambda directory: directory.parent.name if directory.name == "val" else directory.name,
+        "give held-out shards, e.g. <prep out>/val",
+        example="--data code=runs/prep/val",
+    )
 
 
 def evaluate_retention(args: RetentionArgs) -> dict[str, Any]:

@@ -231,3 +231,27 @@ def test_retention_end_to_end(models, heldout, tmp_path, capsys):
     code, _, err = run_cli(capsys, *argv[:5], "--data", shard_dir, "--base-context", 200, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "has 145 tokens, fewer than the base context 200 + 1")
     assert not (tmp_path / "x").exists()
+
+
+def test_named_directory_options_share_one_parser(tmp_path):
+    """--model and --data: NAME=DIR or DIR (named after it; a `val` split after its parent), names unique, DIRs real."""
+    from longctx.errors import UserError
+    from longctx.evaluate import parse_model_specs
+    from longctx.positions import parse_data_specs
+
+    (tmp_path / "prep" / "val").mkdir(parents=True)
+    (tmp_path / "base").mkdir()
+    val, base = str(tmp_path / "prep" / "val"), str(tmp_path / "base")
+    assert parse_data_specs([val + "/", f"prose={base}"]) == {"prep": val + "/", "prose": base}
+    assert parse_model_specs([base, f"val={val}"]) == {"base": base, "val": val}
+    assert parse_model_specs([val]) == {"val": val}  # models are named after the directory itself
+    for parse, option, twice, missing in (
+        (parse_data_specs, "--data", [val, f"prep={base}"], "data /nowhere is not a directory: give held-out shards"),
+        (parse_model_specs, "--model", [base, f"base={val}"], "model /nowhere is not a directory: give a Hugging Face"),
+    ):
+        with pytest.raises(UserError, match=f"{option} name 'prep|base' is given twice"):
+            parse(twice)
+        with pytest.raises(UserError, match=missing):
+            parse(["/nowhere"])
+        with pytest.raises(UserError, match=f"{option} '=x' is not NAME=DIR or DIR"):
+            parse(["=x"])

@@ -75,6 +75,8 @@ def s2_attention(
     backend: Backend = "auto",
     num_unshifted_heads: int | None = None,
     layout_key: torch.Tensor | None = None,
+    sink_tokens: int = 0,
+    num_dense_heads: int = 0,
 ) -> torch.Tensor:
     """Shifted sparse attention exactly as docs/s2attn.md defines it; returns (B, H, N, D) in q's dtype.
 
@@ -86,16 +88,32 @@ def s2_attention(
     slice's H. Default floor(H/2): these are all of the model's heads.
     layout_key: a tensor that stands for position_ids: while it is alive and unchanged, calls with the same G, head
     split, backend, shape and segment_ids tensor reuse one layout instead of building it (one per forward pass).
+    sink_tokens (the "sinks" variant, docs/s2attn.md): k; in grouped heads every token also attends to the first k
+    tokens of its segment that come before its group. 0: plain S²-Attn. At most G/2; computed by SDPA.
+    num_dense_heads (the "dense heads" variant): the last this many heads of q attend densely (causal, segments
+    kept apart, no groups). 0: plain S²-Attn. With num_unshifted_heads None the model's split is assumed: the
+    unshifted heads are the first min(floor(H/2), H - num_dense_heads).
     """
     batch, num_heads, seq_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if group_size < 2 or group_size % 2:
         raise UserError(f"S²-Attn group size {group_size} must be even and >= 2: pick an even attention.group_size")
-    num_unshifted_heads = num_heads // 2 if num_unshifted_heads is None else num_unshifted_heads
-    if not 0 <= num_unshifted_heads <= num_heads:
+    if not 0 <= num_dense_heads <= num_heads:
         raise UserError(
-            f"S²-Attn got {num_unshifted_heads} unshifted of {num_heads} heads: pass num_unshifted_heads between 0 "
-            "and the number of heads"
+            f"S²-Attn got {num_dense_heads} dense of {num_heads} heads: set attention.dense_heads between 0 and "
+            "the number of heads"
+        )
+    if not 0 <= sink_tokens <= group_size // 2:
+        raise UserError(
+            f"S²-Attn sink_tokens={sink_tokens} must be between 0 and G/2 = {group_size // 2}: set "
+            "attention.sink_tokens to at most half the group size"
+        )
+    if num_unshifted_heads is None:
+        num_unshifted_heads = min(num_heads // 2, num_heads - num_dense_heads)
+    if not 0 <= num_unshifted_heads <= num_heads - num_dense_heads:
+        raise UserError(
+            f"S²-Attn got {num_unshifted_heads} unshifted of {num_heads} heads ({num_dense_heads} dense): pass "
+            "num_unshifted_heads between 0 and the number of heads that are not dense"
         )
     if num_heads % num_kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[2] != seq_len:
         raise UserError(
@@ -103,27 +121,31 @@ def s2_attention(
             "k and v must be (B, Hkv, N, D) with the q's B and N and Hkv dividing H"
         )
     scale = head_dim**-0.5 if scale is None else scale
-    backend = resolve_backend(backend, q)
+    if sink_tokens and backend == "flash":
+        raise UserError("attention.sink_tokens is computed by PyTorch SDPA: set attention.backend=auto or sdpa")
+    backend = "sdpa" if sink_tokens else resolve_backend(backend, q)
     heads_per_kv = num_heads // num_kv_heads
-    passes = _head_passes(num_heads, num_unshifted_heads, group_size)
+    passes = _head_passes(num_heads, num_unshifted_heads, group_size, num_dense_heads, seq_len)
 
     q_tokens = q.transpose(1, 2)  # (B, N, H, D): the order index_copy/select work in
     # split, not slicing: its backward is one cat instead of a zero-filled q per pass
     q_pieces = q_tokens.split([n for n, _ in passes], dim=2) if len(passes) > 1 else [q_tokens]
     outputs, first_head = [], 0
-    for (num_pass_heads, offsets), q_piece in zip(passes, q_pieces, strict=True):
+    for (num_pass_heads, blocks), q_piece in zip(passes, q_pieces, strict=True):
+        # dense heads (one block whose group holds every position) see their whole segment: sinks add nothing there
+        sinks = 0 if blocks[0][0] > 2 * seq_len else sink_tokens
         # Whether positions were given is part of the key: dense attention passes none under the key that the
         # S²-Attn path of the same forward passes them under.
-        parts = ("s2", group_size, offsets, backend, batch, seq_len, q.device, position_ids is None)
+        parts = ("s2", blocks, sinks, backend, batch, seq_len, q.device, position_ids is None)
         layout = _cached(
             layout_key,
             parts,
             (segment_ids,),
-            lambda offsets=offsets: _build_layout(
-                position_ids, segment_ids, group_size, offsets, (batch, seq_len), q.device, backend
+            lambda blocks=blocks, sinks=sinks: _build_layout(
+                position_ids, segment_ids, blocks, (batch, seq_len), q.device, backend, sinks
             ),
         )
-        num_blocks = len(offsets)
+        num_blocks = len(blocks)
         block_heads = num_pass_heads // num_blocks
         # (B, N, heads of the pass, D) -> rows of (block heads, D), one per (sample, token, head block)
         q_rows = q_piece.reshape(batch * seq_len * num_blocks, block_heads, head_dim)
@@ -219,30 +241,38 @@ def resolve_backend(backend: Backend, q: torch.Tensor) -> Literal["sdpa", "flash
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _head_passes(num_heads: int, num_unshifted_heads: int, group_size: int) -> list[tuple[int, tuple[int, ...]]]:
-    """How the heads are computed: (heads of the pass, group offset of each of its equal head blocks) per pass, the
-    passes covering heads 0..H-1 in order; the first num_unshifted_heads heads get offset 0, the others G/2.
+def _head_passes(
+    num_heads: int, num_unshifted_heads: int, group_size: int, num_dense_heads: int = 0, seq_len: int = 0
+) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """How the heads are computed: (heads of the pass, (group size, group offset) of each of its equal head blocks)
+    per pass, the passes covering heads 0..H-1 in order: the first num_unshifted_heads heads get (G, 0), the last
+    num_dense_heads heads one group over every position ((2N + 2, 0), as `dense_attention`), the others (G, G/2).
 
     As many unshifted as shifted heads (an even H): one pass of two blocks, so each window size is one kernel call for
-    all heads. Otherwise (an odd H, or a sequence-parallel slice on one side of floor(H/2) or straddling it unevenly)
-    one pass of one block per offset present.
+    all of them. Otherwise (an odd H, or a sequence-parallel slice on one side of floor(H/2) or straddling it unevenly)
+    one pass of one block per offset present. Dense heads are a pass of their own.
     """
-    num_shifted_heads = num_heads - num_unshifted_heads
-    if num_unshifted_heads == num_shifted_heads:
-        return [(num_heads, (0, group_size // 2))]
-    return [(n, (offset,)) for n, offset in ((num_unshifted_heads, 0), (num_shifted_heads, group_size // 2)) if n]
+    num_shifted_heads = num_heads - num_dense_heads - num_unshifted_heads
+    unshifted, shifted = (group_size, 0), (group_size, group_size // 2)
+    if num_unshifted_heads == num_shifted_heads and num_shifted_heads:
+        passes = [(2 * num_shifted_heads, (unshifted, shifted))]
+    else:
+        passes = [(n, (block,)) for n, block in ((num_unshifted_heads, unshifted), (num_shifted_heads, shifted)) if n]
+    if num_dense_heads:
+        passes.append((num_dense_heads, ((2 * seq_len + 2, 0),)))
+    return passes
 
 
 def _build_layout(
     position_ids: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
-    group_size: int,
-    offsets: tuple[int, ...],
+    blocks: tuple[tuple[int, int], ...],
     shape: tuple[int, int],
     device: torch.device,
     backend: Literal["sdpa", "flash"],
+    sink_tokens: int = 0,
 ) -> _RunLayout:
-    """The run layout of (B, N) = shape tokens for each head block, the blocks' group offsets given: all of
+    """The run layout of (B, N) = shape tokens for each head block, the blocks' (group size, offset) given: all of
     S²-Attn's host syncs happen here, once per forward pass."""
     batch, seq_len = shape
     if position_ids is not None:
@@ -250,14 +280,15 @@ def _build_layout(
     plain = segment_ids is None and (position_ids is None or _is_arange(position_ids))
     if position_ids is None or plain:
         position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    # (B, blocks, N): one row of groups per head block; Python offsets, not a tensor, to copy nothing to the device
-    groups = torch.stack([torch.div(position_ids + offset, group_size, rounding_mode="floor") for offset in offsets], 1)
+    # (B, blocks, N): one row of groups per head block; Python numbers, not a tensor, to copy nothing to the device
+    groups = torch.stack([torch.div(position_ids + offset, size, rounding_mode="floor") for size, offset in blocks], 1)
+    sinks = _SinkSource(segment_ids, sink_tokens, shape, device) if sink_tokens else None
     if plain:  # groups already increase along each row: every key is one run
-        return _run_layout(groups, None, pack=backend == "sdpa")
+        return _run_layout(groups, None, pack=backend == "sdpa", sinks=sinks)
     keys = _keys_with_segments(groups, segment_ids)
     # A stable sort keeps index order among equal keys, so "j <= i" survives the reordering.
     sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    return _run_layout(sorted_keys, order, pack=backend == "sdpa")
+    return _run_layout(sorted_keys, order, pack=backend == "sdpa", sinks=sinks)
 
 
 def _is_arange(position_ids: torch.Tensor) -> bool:
@@ -316,10 +347,51 @@ def _kv_heads_of_blocks(first_head: int, num_blocks: int, block_heads: int, head
 
 @dataclass
 class _Windows:
-    """`count` windows of `size` slots each, one run per window (padding after it)."""
+    """`count` windows of `size` slots each, one run per window (padding after it); with sinks, `prefix` sink tokens
+    read before each run: their rows, `count` × `prefix` of them, window after window."""
 
     count: int
     size: int
+    prefix: int = 0
+    prefix_rows: torch.Tensor | None = None
+
+
+class _SinkSource:
+    """Where the sinks come from: each token's segment (numbered over the batch) and each segment's first k tokens.
+
+    segment_of_token: (B * N,) the segment of token b * N + t; first_tokens: (segments, k) the flat indices b * N + t
+    of each segment's first k tokens in index order, -1 past a segment's end. No segment ids: one segment per row.
+    """
+
+    def __init__(
+        self, segment_ids: torch.Tensor | None, sink_tokens: int, shape: tuple[int, int], device: torch.device
+    ) -> None:
+        batch, seq_len = shape
+        if segment_ids is None:
+            segment = torch.arange(batch, device=device).repeat_interleave(seq_len)
+        else:
+            labels = segment_ids.expand(batch, seq_len)
+            labels = labels - labels.amin()
+            sample = torch.arange(batch, device=device)[:, None]
+            # host sync: unique sizes its output; (sample, label) pairs -> 0, 1, ...
+            _, segment = torch.unique((sample * (labels.amax() + 1) + labels).reshape(-1), return_inverse=True)
+        order = torch.argsort(segment, stable=True)  # tokens segment by segment, index order within each
+        counts = torch.bincount(segment)  # host sync: bincount sizes its output
+        starts = counts.cumsum(0) - counts
+        in_order = segment[order]
+        rank = torch.arange(len(order), device=device) - starts[in_order]
+        first = torch.full((len(counts), sink_tokens), -1, dtype=torch.long, device=device)
+        keep = rank < sink_tokens
+        first[in_order[keep], rank[keep]] = order[keep]
+        self.segment_of_token, self.first_tokens = segment, first
+
+    def prefixes(self, first_token: torch.Tensor, block: torch.Tensor, num_blocks: int):
+        """For runs starting at flat token first_token (R,) in head block `block` (R,): how many sinks each reads
+        (the segment's first k tokens that come before the run: the rest, if any, are in the run or after it) and
+        their rows (R, k) in (sample, token, block) row order, valid up to that count."""
+        candidates = self.first_tokens[self.segment_of_token[first_token]]
+        valid = (candidates >= 0) & (candidates < first_token[:, None])  # a prefix of each row: indices increase
+        return valid.sum(1), candidates.clamp(min=0) * num_blocks + block[:, None]
 
 
 @dataclass
@@ -334,19 +406,25 @@ class _RunLayout:
     longest_run: int
 
 
-def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Tensor, list[_Windows]]:
+def _window_slots(
+    run_lengths: torch.Tensor, longest_run: int, prefix_lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[_Windows], torch.Tensor, torch.Tensor]:
     """First buffer slot of each run, and the windows, when every run gets its own window.
 
-    A run's window is its length rounded up to a multiple of `step`; runs of one window size are adjacent in the
-    buffer (largest size first), so each size is one SDPA call over (count, heads, size, D) with is_causal, exact
-    because padding only follows real tokens. With plain positions that is full groups, the half groups of shifted
-    heads and the tails: no padding but the tails'.
+    A run's window is its length rounded up to a multiple of `step`; runs of one window size (and, with sinks, one
+    sink count) are adjacent in the buffer (largest size first), so each class is one SDPA call over
+    (count, heads, size, D) with is_causal, exact because padding only follows real tokens. With plain positions
+    that is full groups, the half groups of shifted heads and the tails: no padding but the tails'. Also returns
+    the runs class by class (in buffer order) and where each class's runs begin in that list.
     """
     step = max(16, -(-longest_run // _WINDOW_SIZE_CLASSES))
     sizes = -(-run_lengths // step) * step
-    class_sizes, class_of_run = torch.unique(sizes, return_inverse=True)  # host sync: unique sizes its output
-    class_sizes, class_of_run = class_sizes.flip(0), len(class_sizes) - 1 - class_of_run  # largest first
-    counts = torch.bincount(class_of_run, minlength=len(class_sizes))  # host sync: bincount sizes its output
+    stride = 1 if prefix_lengths is None else int(prefix_lengths.max()) + 1  # host sync, with sinks only
+    classes = sizes * stride + (0 if prefix_lengths is None else prefix_lengths)
+    class_keys, class_of_run = torch.unique(classes, return_inverse=True)  # host sync: unique sizes its output
+    class_keys, class_of_run = class_keys.flip(0), len(class_keys) - 1 - class_of_run  # largest first
+    class_sizes = class_keys // stride
+    counts = torch.bincount(class_of_run, minlength=len(class_keys))  # host sync: bincount sizes its output
     class_first_slot = F.pad((counts * class_sizes).cumsum(0), (1, 0))[:-1]
     class_first_run = F.pad(counts.cumsum(0), (1, 0))[:-1]
     by_class = torch.argsort(class_of_run, stable=True)
@@ -356,15 +434,18 @@ def _window_slots(run_lengths: torch.Tensor, longest_run: int) -> tuple[torch.Te
     )
     run_slot_start = class_first_slot[class_of_run] + rank_in_class * sizes
     # host sync: the window shapes are the SDPA calls' shapes
-    windows = [_Windows(count, size) for count, size in zip(counts.tolist(), class_sizes.tolist())]
-    return run_slot_start, windows
+    windows = [_Windows(count, key // stride, key % stride) for count, key in zip(counts.tolist(), class_keys.tolist())]
+    return run_slot_start, windows, by_class, class_first_run
 
 
-def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: bool) -> _RunLayout:
+def _run_layout(
+    sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: bool, sinks: _SinkSource | None = None
+) -> _RunLayout:
     """Cut each sorted (sample, head block) row into runs of equal keys and give every token a buffer slot.
 
     pack=True (SDPA): each run gets a window (see `_window_slots`). pack=False (flash varlen): runs end to end.
-    order: (B, blocks, N) token index at each sorted position (None: identity).
+    order: (B, blocks, N) token index at each sorted position (None: identity). sinks (SDPA only): each window also
+    reads its segment's first tokens that come before its run.
     """
     batch, num_blocks, seq_len = sorted_keys.shape
     device = sorted_keys.device
@@ -377,18 +458,26 @@ def _run_layout(sorted_keys: torch.Tensor, order: torch.Tensor | None, *, pack: 
     run_lengths = torch.diff(run_first, append=torch.tensor([num_rows], device=device))
 
     longest_run = int(run_lengths.max())  # host sync: sizes the windows
+    token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
+    sample = torch.arange(batch, device=device)[:, None, None]
+    block = torch.arange(num_blocks, device=device)[None, :, None]
+    row = ((sample * seq_len + token) * num_blocks + block).reshape(-1)  # row of each sorted position
     if pack:
-        run_slot_start, windows = _window_slots(run_lengths, longest_run)
+        prefix_lengths = prefix_rows = None
+        if sinks is not None:  # a run's first sorted position holds its first token (the sort is stable)
+            first_row = row[run_first]
+            prefix_lengths, prefix_rows = sinks.prefixes(first_row // num_blocks, first_row % num_blocks, num_blocks)
+        run_slot_start, windows, by_class, class_first_run = _window_slots(run_lengths, longest_run, prefix_lengths)
+        for windows_of_class, first in zip(windows, class_first_run.tolist()):
+            if windows_of_class.prefix:
+                runs = by_class[first : first + windows_of_class.count]
+                windows_of_class.prefix_rows = prefix_rows[runs, : windows_of_class.prefix].reshape(-1)
         num_slots, cu_seqlens = sum(w.count * w.size for w in windows), None
     else:
         run_slot_start, num_slots, windows = run_first, num_rows, []
         cu_seqlens = F.pad(run_lengths.cumsum(0), (1, 0)).to(torch.int32)
     sorted_slot = run_slot_start[run_id] + torch.arange(num_rows, device=device) - run_first[run_id]
 
-    token = torch.arange(seq_len, device=device).expand_as(sorted_keys) if order is None else order
-    sample = torch.arange(batch, device=device)[:, None, None]
-    block = torch.arange(num_blocks, device=device)[None, :, None]
-    row = ((sample * seq_len + token) * num_blocks + block).reshape(-1)  # row of each sorted position
     slot_of_row = torch.empty_like(sorted_slot)
     slot_of_row[row] = sorted_slot
     padding_slots = None
@@ -463,9 +552,21 @@ def _sdpa_over_windows(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float,
         q, k, v = (
             x[index].view(windows.count, windows.size, x[index].shape[1], head_dim).transpose(1, 2) for x in pieces
         )
+        if windows.prefix:  # sinks: [sinks; run] keys, and as many query rows before the run, whose outputs go
+            k, v = (_with_sinks(x, rows, windows) for x, rows in ((k, k_rows), (v, v_rows)))
+            q = torch.cat([q.new_zeros(windows.count, q.shape[1], windows.prefix, head_dim), q], 2)
         out = _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
+        if windows.prefix:
+            out = out[:, :, windows.prefix :]
         outputs.append(out.transpose(1, 2).reshape(-1, q_rows.shape[1], head_dim))
     return _from_buffer(torch.cat(outputs) if len(outputs) > 1 else outputs[0], layout)
+
+
+def _with_sinks(x: torch.Tensor, rows: torch.Tensor, windows: _Windows) -> torch.Tensor:
+    """(count, h, size, D) windows of keys or values with their sinks' (from rows (B * N * blocks, h, D)) before
+    them: (count, h, prefix + size, D). Causal attention over it lets every query of the run read all its sinks."""
+    sinks = rows.index_select(0, windows.prefix_rows).view(windows.count, windows.prefix, *rows.shape[1:])
+    return torch.cat([sinks.transpose(1, 2), x], 2)
 
 
 @functools.cache  # a missing flash-attn stays missing: no import retried in every layer
@@ -564,13 +665,23 @@ def _forget(key_id: int, entry: _KeyEntry) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 _CONFIG_ATTRIBUTE = "s2attn"
+_VARIANTS = ("sink_tokens", "dense_heads", "dense")  # settings keys of the variants that reach beyond G
 
 
-def configure(model_or_config, *, group_size: int | None = None, group_size_ratio: float = 0.25, backend="auto"):
+def configure(
+    model_or_config,
+    *,
+    group_size: int | None = None,
+    group_size_ratio: float = 0.25,
+    backend="auto",
+    sink_tokens: int = 0,
+    dense_heads: int = 0,
+):
     """Store the S²-Attn settings on the model config, where the registered attention function reads them.
 
     group_size: a fixed G (even); None: G = group_size_ratio × N for each sequence length N, rounded to an even
-    number >= 2. The settings live in `config.s2attn` (a plain dict, saved into config.json and ignored by plain
+    number >= 2. sink_tokens, dense_heads: the variants (see `s2_attention`; dense_heads counts the model's last
+    heads). The settings live in `config.s2attn` (a plain dict, saved into config.json and ignored by plain
     transformers).
     """
     if group_size is not None and (group_size < 2 or group_size % 2):
@@ -579,10 +690,31 @@ def configure(model_or_config, *, group_size: int | None = None, group_size_rati
         raise UserError(f"S²-Attn group_size_ratio={group_size_ratio} must be in (0, 1], e.g. 0.25")
     if backend not in ("auto", "sdpa", "flash"):
         raise UserError(f"S²-Attn backend={backend!r} is unknown: use auto, sdpa or flash")
-    config = getattr(model_or_config, "config", model_or_config)
+    if sink_tokens < 0 or dense_heads < 0:
+        raise UserError(f"S²-Attn sink_tokens={sink_tokens} and dense_heads={dense_heads} must be >= 0")
     settings = {"group_size": group_size, "group_size_ratio": group_size_ratio, "backend": backend}
-    for target in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+    if sink_tokens or dense_heads:  # a plain S²-Attn config stays as it was
+        settings.update(sink_tokens=sink_tokens, dense_heads=dense_heads)
+    for target in _configs(model_or_config):
         setattr(target, _CONFIG_ATTRIBUTE, dict(settings))
+
+
+def set_dense_training(model_or_config, dense: bool) -> None:
+    """Train with dense causal attention (True) or S²-Attn as configured (False): the dense phase of training
+    (attention.dense_phase) switches the registered function with this; evaluation is dense either way."""
+    for target in _configs(model_or_config):
+        settings = getattr(target, _CONFIG_ATTRIBUTE, None)
+        if settings is None:
+            raise UserError("set_dense_training needs a model configured for S²-Attn: call configure() first")
+        if dense:
+            settings["dense"] = True
+        else:
+            settings.pop("dense", None)
+
+
+def _configs(model_or_config) -> list:
+    config = getattr(model_or_config, "config", model_or_config)
+    return list({id(config): config, id(config.get_text_config()): config.get_text_config()}.values())
 
 
 def group_size_for(config, seq_len: int) -> int:
@@ -639,15 +771,18 @@ def s2attn_forward(
     sliding_window: int | None = None,
     num_unshifted_heads: int | None = None,
     layout_key: torch.Tensor | None = None,
+    num_dense_heads: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The AttentionInterface function: S²-Attn while training, dense causal attention in eval and cached decoding.
 
     query (B, H, Nq, D), key/value (B, Hkv, Nk, D); returns (B, Nq, H, D). Packed documents (position ids restarting
     at 0) are isolated from each other, and padding (a 2D mask from `s2attn_mask`) is never attended to.
-    num_unshifted_heads: see `s2_attention`; a sequence-parallel wrapper that hands this function a slice of the
-    heads passes it. layout_key: the tensor the layout is cached under (default: position_ids); a wrapper that
-    hands each layer new position ids (gathered ones) passes one tensor that stands for them for the whole forward.
+    num_unshifted_heads, num_dense_heads: see `s2_attention`; a sequence-parallel wrapper that hands this function a
+    slice of the heads passes both (default: the configured split of all the model's heads). layout_key: the tensor
+    the layout is cached under (default: position_ids); a wrapper that hands each layer new position ids (gathered
+    ones) passes one tensor that stands for them for the whole forward. The settings' "dense" flag (the dense phase,
+    `set_dense_training`) makes training dense too.
     sliding_window: the model's window (transformers passes it): training honours it by construction when G <= it
     and refuses a longer G; dense attention applies it (docs/s2attn.md, "Sliding-window models").
     """
@@ -664,6 +799,11 @@ def s2attn_forward(
             raise UserError(
                 f"S²-Attn group size {group_size} is longer than the model's sliding window of {sliding_window} "
                 f"tokens: set attention.group_size to at most {sliding_window}"
+            )
+        if any((getattr(module.config, _CONFIG_ATTRIBUTE, None) or {}).get(name) for name in _VARIANTS):
+            raise UserError(
+                f"S²-Attn's sinks, dense heads and dense phase attend beyond the model's sliding window of "
+                f"{sliding_window} tokens: set attention.sink_tokens, dense_heads and dense_phase to 0"
             )
     elif windowed and (attention_mask is None or attention_mask.dim() == 2):
         # Dense attention (eval, cached decoding) with the model's window, as transformers' own masks apply it.
@@ -685,12 +825,12 @@ def s2attn_forward(
     position_ids = position_ids.expand(batch, q_len)
     segment_ids = document_segment_ids(position_ids, attention_mask, layout_key=layout_key)
 
-    if not module.training:
+    settings = getattr(module.config, _CONFIG_ATTRIBUTE, None) or {}
+    if not module.training or settings.get("dense"):
         out = dense_attention(
             query, key, value, segment_ids=segment_ids, scale=scaling, dropout=dropout, layout_key=layout_key
         )
     else:
-        settings = getattr(module.config, _CONFIG_ATTRIBUTE, None) or {}
         out = s2_attention(
             query,
             key,
@@ -703,6 +843,8 @@ def s2attn_forward(
             backend=settings.get("backend", "auto"),
             num_unshifted_heads=num_unshifted_heads,
             layout_key=layout_key,
+            sink_tokens=settings.get("sink_tokens", 0),
+            num_dense_heads=settings.get("dense_heads", 0) if num_dense_heads is None else num_dense_heads,
         )
     return out.transpose(1, 2), None
 
@@ -745,4 +887,5 @@ __all__ = [
     "s2attn_forward",
     "s2attn_mask",
     "segment_ids_from_position_ids",
+    "set_dense_training",
 ]

@@ -240,12 +240,35 @@ class AttentionConfig:
     """Kernel behind S²-Attn. auto: flash-attn varlen when installed on GPU, else PyTorch SDPA."""
     isolate_documents: bool = False
     """Tokens attend only within their own document of a packed sequence (position ids restart per document)."""
+    sink_tokens: int = 0
+    """S²-Attn variant (docs/s2attn.md, "Variants that reach further"): every token also attends to the first k
+    tokens of its document (sinks, as StreamingLLM / SinkLoRA). 0: plain S²-Attn. At most G/2."""
+    dense_heads: int = 0
+    """S²-Attn variant: the last this many heads of every layer attend densely (no groups) in training. 0: none."""
+    dense_phase: float = 0.0
+    """S²-Attn variant: the last this fraction of train.max_steps trains with dense attention. 0: none."""
 
     def validate(self, errors: list[str]) -> None:
         if self.group_size < 0 or self.group_size % 2:
             errors.append(f"attention.group_size={self.group_size} must be even and >= 0 (0: use group_size_ratio)")
         if not 0 < self.group_size_ratio <= 1:
             errors.append(f"attention.group_size_ratio={self.group_size_ratio} must be in (0, 1], e.g. 0.25")
+        if self.sink_tokens < 0 or self.dense_heads < 0:
+            errors.append(
+                f"attention.sink_tokens={self.sink_tokens} and attention.dense_heads={self.dense_heads} must be >= 0"
+            )
+        if not 0 <= self.dense_phase <= 1:
+            errors.append(f"attention.dense_phase={self.dense_phase} must be in [0, 1], e.g. 0.1 (the last 10%)")
+        if self.implementation != "s2attn" and (self.sink_tokens or self.dense_heads or self.dense_phase):
+            errors.append(
+                f"attention.sink_tokens, dense_heads and dense_phase change S²-Attn, but attention.implementation="
+                f"{self.implementation}: set them to 0 or use attention.implementation=s2attn"
+            )
+
+    @property
+    def variant(self) -> bool:
+        """Whether an S²-Attn variant is on (sinks, dense heads or a dense phase)."""
+        return bool(self.sink_tokens or self.dense_heads or self.dense_phase)
 
 
 @dataclass
@@ -445,6 +468,11 @@ class RunConfig:
                 f"train.seq_len={train.seq_len} is not a multiple of the S²-Attn group size {self.group_size}: "
                 "pick attention.group_size (or group_size_ratio) so that it divides the sequence length"
             )
+        if attn.implementation == "s2attn" and attn.sink_tokens > self.group_size // 2:
+            errors.append(
+                f"attention.sink_tokens={attn.sink_tokens} exceeds half the S²-Attn group size "
+                f"({self.group_size // 2}): a few tokens are enough (StreamingLLM: 4), or use a larger group"
+            )
         if self.quant.enabled and not self.lora.enabled:
             errors.append(
                 f"quant.type={self.quant.type} freezes the base in 4 bits, so it cannot be fine-tuned in full: "
@@ -457,10 +485,11 @@ class RunConfig:
                 "pick a sequence length that divides evenly"
             )
         if sp > 1 and self.parallel.sequence_parallel_mode == "halo":
-            if attn.implementation != "s2attn" or attn.isolate_documents:
+            if attn.implementation != "s2attn" or attn.isolate_documents or attn.variant:
                 errors.append(
-                    "parallel.sequence_parallel_mode=halo computes S²-Attn without document isolation only: set "
-                    "attention.implementation=s2attn and attention.isolate_documents=false, or use the ulysses mode"
+                    "parallel.sequence_parallel_mode=halo computes plain S²-Attn without document isolation only: set "
+                    "attention.implementation=s2attn, attention.isolate_documents=false and no sink_tokens, "
+                    "dense_heads or dense_phase, or use the ulysses mode"
                 )
             elif (self.train.seq_len // sp) % self.group_size:
                 errors.append(

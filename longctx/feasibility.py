@@ -73,6 +73,11 @@ def run_problems(cfg: RunConfig, hf_config) -> list[str]:
         )
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    if cfg.attention.implementation == "s2attn" and cfg.attention.dense_heads > heads:
+        problems.append(
+            f"attention.dense_heads={cfg.attention.dense_heads} exceeds the {heads} attention heads of {where}: "
+            f"pick at most {heads}"
+        )
     if cfg.parallel.sequence_parallel_size > 1 and cfg.parallel.sequence_parallel_mode == "ulysses":
         problems += sequence_parallel_problems(
             heads, kv_heads, cfg.train.seq_len, cfg.attention.implementation, cfg.parallel.sequence_parallel_size
@@ -125,6 +130,12 @@ def _sliding_window_problems(cfg: RunConfig, text_config, where: str) -> list[st
     if window is None or window >= cfg.train.seq_len:
         return []
     implementation, sp = cfg.attention.implementation, cfg.parallel.sequence_parallel_size
+    if implementation == "s2attn" and cfg.attention.variant:
+        return [
+            f"attention.sink_tokens, dense_heads and dense_phase attend beyond the sliding window of {where} "
+            f"({window} tokens), which S²-Attn's variants do not apply: set them to 0 (plain S²-Attn with "
+            f"attention.group_size at most {window} honours the window)"
+        ]
     if implementation == "s2attn" and cfg.group_size > window:
         return [
             f"the S²-Attn group size {cfg.group_size} is longer than the sliding window of {where} ({window} tokens), "

@@ -361,7 +361,13 @@ def build_model(cfg: RunConfig, *, for_training: bool = True) -> nn.Module:
     if cfg.attention.implementation == "s2attn" and for_training:
         from longctx import attention
 
-        attention.configure(model, group_size=cfg.group_size, backend=cfg.attention.backend)
+        attention.configure(
+            model,
+            group_size=cfg.group_size,
+            backend=cfg.attention.backend,
+            sink_tokens=cfg.attention.sink_tokens,
+            dense_heads=cfg.attention.dense_heads,
+        )
     if not for_training:
         model.requires_grad_(False)
         return model.eval()

@@ -107,11 +107,18 @@ def check_model(hf_config, sequence_parallel_size: int, seq_len: int, implementa
         raise UserError("; ".join(problems))
 
 
-def num_unshifted_heads(num_heads: int, size: int, rank: int) -> int:
+def num_unshifted_heads(num_heads: int, size: int, rank: int, dense_heads: int = 0) -> int:
     """How many of rank's heads [rank·H/P, (rank+1)·H/P) lie below floor(H/2), i.e. are S²-Attn's unshifted heads:
-    the first ones of the slice, any count from 0 to H/P (9 heads over 3 ranks: 3, 1, 0)."""
+    the first ones of the slice, any count from 0 to H/P (9 heads over 3 ranks: 3, 1, 0). With dense_heads, the
+    model's last dense_heads heads are dense, and unshifted heads end where they begin if that is earlier."""
     local = num_heads // size
-    return min(max(num_heads // 2 - rank * local, 0), local)
+    return min(max(min(num_heads // 2, num_heads - dense_heads) - rank * local, 0), local)
+
+
+def num_dense_heads(num_heads: int, size: int, rank: int, dense_heads: int) -> int:
+    """How many of rank's heads are among the model's last dense_heads (the dense-heads variant): its last ones."""
+    local = num_heads // size
+    return min(max((rank + 1) * local - (num_heads - dense_heads), 0), local)
 
 
 def gradient_sum_factor(ds_config: dict, sp: SequenceParallel) -> int:
@@ -183,8 +190,11 @@ def register_ulysses_attention(hf_config, sp: SequenceParallel, *, micro_batch_s
     num_heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
     if core == "s2attn":
+        dense_heads = (getattr(text_config, "s2attn", None) or {}).get("dense_heads", 0)
         core_attention = functools.partial(
-            attention.s2attn_forward, num_unshifted_heads=num_unshifted_heads(num_heads, sp.size, sp.rank)
+            attention.s2attn_forward,
+            num_unshifted_heads=num_unshifted_heads(num_heads, sp.size, sp.rank, dense_heads),
+            num_dense_heads=num_dense_heads(num_heads, sp.size, sp.rank, dense_heads),
         )
     else:
         core_attention = dense_forward

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longctx import checkpoint, parallel, tiling
+from longctx import attention, checkpoint, parallel, tiling
 from longctx.atomic import write_text_atomic
 from longctx.config import MemoryConfig, RunConfig, save_config
 from longctx.data import IGNORE_INDEX
@@ -375,6 +375,11 @@ def build(cfg: RunConfig, dataset, preemption: PreemptionFlag) -> Run:
     return Run(cfg, engine, scheduler, dataset, sampler, ds_config, sp, metrics, preemption, base, step)
 
 
+def dense_phase_start(cfg: RunConfig) -> int:
+    """The first step (counting from 0) of the dense phase: the last round(dense_phase × max_steps) steps."""
+    return cfg.train.max_steps - round(cfg.attention.dense_phase * cfg.train.max_steps)
+
+
 def loop(run: Run) -> Path | None:
     """Steps from run.step to train.max_steps; returns the last checkpoint written (None if none was).
 
@@ -386,9 +391,17 @@ def loop(run: Run) -> Path | None:
     batches = micro_batches(run.dataset, run.sampler, run.ds_config["train_micro_batch_size_per_gpu"])
     engine.train()
     step, last_save = run.step, None
+    dense_from = dense_phase_start(cfg)
     start = time.perf_counter()
     while step < cfg.train.max_steps:
         step_start = time.perf_counter()
+        if step == max(dense_from, run.step) and step < cfg.train.max_steps and cfg.attention.dense_phase:
+            model = engine.module
+            attention.set_dense_training(model.get_base_model() if hasattr(model, "get_base_model") else model, True)
+            run.metrics.message(
+                f"step {step + 1}: dense attention from here to step {cfg.train.max_steps} (attention.dense_phase="
+                f"{cfg.attention.dense_phase})"
+            )
         # Labels are shifted before the sequence is split; each rank keeps its chunk (the whole of it when sp.size=1).
         step_batches = [
             parallel.shard_batch({k: v.to(device) for k, v in next(batches).items()}, sp.size, sp.rank)

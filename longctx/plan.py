@@ -521,9 +521,7 @@ def training_flops_per_sequence(shape: ModelShape, cfg: RunConfig) -> dict[str, 
     layer_linear_params = linear_params - sum(g.numel for g in linear if g.name == "lm_head")
     trainable_linear = sum(g.numel * g.count for g in linear if g.trainable)
     n = cfg.train.seq_len
-    s2attn = cfg.attention.implementation == "s2attn"
-    score_entries = n * cfg.group_size / 2 if s2attn else n * n / 2
-    attention_forward = 4 * shape.head_dim * score_entries * shape.num_attention_heads * shape.num_hidden_layers
+    attention_forward = 4 * shape.head_dim * score_entries(cfg, shape.num_attention_heads) * shape.num_hidden_layers
     flops = {
         "linear_forward": 2 * linear_params * n,
         "linear_input_grad": 2 * linear_params * n,
@@ -534,6 +532,20 @@ def training_flops_per_sequence(shape: ModelShape, cfg: RunConfig) -> dict[str, 
     }
     flops["total"] = sum(flops.values())
     return flops
+
+
+def score_entries(cfg: RunConfig, num_heads: int) -> float:
+    """Attention scores a training step computes per sequence, summed over heads, averaged over the run's steps.
+
+    Causal: N²/2 per dense head, N·G/2 per S²-Attn head, plus N·k with k sinks; attention.dense_heads of the heads
+    dense; attention.dense_phase of the steps dense in every head."""
+    n, attn = cfg.train.seq_len, cfg.attention
+    dense = n * n / 2 * num_heads
+    if attn.implementation != "s2attn":
+        return dense
+    dense_heads = min(attn.dense_heads, num_heads)
+    grouped = (n * cfg.group_size / 2 + n * attn.sink_tokens) * (num_heads - dense_heads) + n * n / 2 * dense_heads
+    return (1 - attn.dense_phase) * grouped + attn.dense_phase * dense
 
 
 @dataclass
@@ -617,6 +629,11 @@ def format_table(cfg: RunConfig, plan: Plan) -> str:
         f"({s.num_key_value_heads} kv), vocab {s.vocab_size} [{s.source}]; seq_len {cfg.train.seq_len}, "
         f"micro batch {cfg.train.micro_batch_size}, {_training_label(cfg)}, {cfg.attention.implementation}"
         + (f" G={cfg.group_size}" if cfg.attention.implementation == "s2attn" else "")
+        + "".join(
+            f" {name}={getattr(cfg.attention, name)}"
+            for name in ("sink_tokens", "dense_heads", "dense_phase")
+            if getattr(cfg.attention, name)
+        )
         + f", {_memory_label(cfg)}",
         f"cluster: {c.nodes} node(s) × {c.gpus_per_node} GPUs = {c.world_size} GPUs of {c.gpu_memory_gib:g} GiB, "
         f"host {c.host_memory_gib:g} GiB per node",

@@ -286,3 +286,18 @@ def test_dense_phase_trains_its_last_steps_densely_and_resumes_into_it(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 3" in resumed.stdout and "step 4: dense attention from here to step 4" in resumed.stdout
     assert [m["loss"] for m in metrics(tmp_path / "resumed")] == losses["phased"]
+
+
+def test_plan_counts_the_attention_each_variant_computes():
+    from longctx.config import RunConfig, load_config
+    from longctx.plan import score_entries
+
+    def entries(*overrides):
+        return score_entries(load_config(RunConfig, "launch/presets/tiny-cpu.yaml", list(overrides)), 6)
+
+    n, g = 2048, 1024  # the preset's N and G
+    assert entries() == n * g / 2 * 6
+    assert entries("attention.implementation=sdpa") == entries("attention.dense_heads=6") == n * n / 2 * 6
+    assert entries("attention.dense_phase=1.0") == n * n / 2 * 6
+    assert entries("attention.sink_tokens=4", "attention.dense_heads=1") == (n * g / 2 + 4 * n) * 5 + n * n / 2
+    assert entries("attention.dense_phase=0.25") == 0.75 * entries() + 0.25 * n * n / 2 * 6

@@ -52,6 +52,17 @@ def test_two_sequence_parallel_ranks_give_the_one_rank_loss_and_gradients(tmp_pa
     assert result["max_relative_grad_diff"] < GRAD_TOLERANCE, result["worst_parameter"]
 
 
+@pytest.mark.distributed
+def test_sequence_parallel_ranks_compute_the_s2attn_variants_of_one_rank(tmp_path):
+    """Sinks and dense heads under Ulysses: of 8 heads, rank 1 holds head 4 (shifted) and heads 5..7 (dense)."""
+    out = tmp_path / "sp2_variants.json"
+    launch(2, 29637, DIST / "sp_equivalence.py", str(out), "attention.sink_tokens=2", "attention.dense_heads=3")
+    result = json.loads(out.read_text())
+    assert result["sequence_parallel_size"] == 2 and result["same_names"] and result["max_abs_grad"] > 0
+    assert math.isclose(result["loss"], result["reference_loss"], rel_tol=LOSS_TOLERANCE)
+    assert result["max_relative_grad_diff"] < GRAD_TOLERANCE, result["worst_parameter"]
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 PRESET = demo.PRESETS / "tiny-cpu.yaml"
 RUNS = REPO / "runs" / "s2attn_variants"
 LENGTHS = [demo.BASE_CONTEXT * k for k in (1, 2, 4, 8)]
-EVAL_TOKENS = 65_536  # held-out tokens per length: 32 windows of 2048, twice the demo's sample
-POSITION_WINDOWS = 32
+EVAL_TOKENS = demo.EVAL_TOKENS  # held-out tokens per length: the demo's sample, 16 windows of 2048
+POSITION_WINDOWS = 16
 
 VARIANTS: dict[str, list[str]] = {
     "s2attn": [],

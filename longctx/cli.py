@@ -96,6 +96,7 @@ def _add_eval_commands(commands) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: each length)")
     ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ppl.add_argument("--max-tokens", type=int, default=0, help="score only the first N held-out tokens (0: all)")
+    ppl.add_argument("--device-map", choices=["none", "balanced"], default="none", help=device_map_help)
     ppl.add_argument("--out", required=True, help="output directory")
     ppl.set_defaults(run=_run_eval)
 
@@ -171,6 +172,7 @@ def _add_eval_commands(commands) -> None:
     retention.add_argument("--baseline", default="", help="the model compared against (default: the first)")
     retention.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     retention.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens per domain")
+    retention.add_argument("--device-map", choices=["none", "balanced"], default="none", help=device_map_help)
     retention.add_argument("--out", required=True, help="output directory")
     retention.set_defaults(run=_run_eval)
 
@@ -232,6 +234,7 @@ def _run_eval(args) -> int:
                 baseline=args.baseline,
                 batch_size=args.batch_size,
                 max_tokens=args.max_tokens,
+                device_map=args.device_map,
             )
         )
     return 0

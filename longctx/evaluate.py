@@ -684,6 +684,7 @@ def run_ppl(args) -> int:
         stride=args.stride,
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
+        device_map=args.device_map,
     )
     return 0
 
@@ -712,12 +713,15 @@ def evaluate_perplexity(
     stride: int | None = None,
     batch_size: int = 1,
     max_tokens: int = 0,
+    device_map: str = "none",
 ) -> dict[str, Any]:
     """Perplexity of each model ({name: model dir or checkpoint}) at each length on held-out shards.
 
     Rank 0 prints a table and writes perplexity.json (returned) and perplexity.png to out_dir. Every model's
-    positions and vocabulary are checked before the first one is evaluated.
+    positions and vocabulary are checked before the first one is evaluated. device_map: see longctx.placement.
     """
+    from longctx.placement import check_device_map, load_for_eval
+
     if stride is not None and not 1 <= stride <= min(lengths):
         raise UserError(f"stride {stride} must be between 1 and the shortest length {min(lengths)}")
     if batch_size < 1:
@@ -727,6 +731,7 @@ def evaluate_perplexity(
     if not Path(data_dir).is_dir():
         raise UserError(f"data {data_dir} is not a directory: give held-out shards, e.g. <prep out>/val")
     out_dir = check_out_dir(out_dir)
+    check_device_map(models, device_map)
     init_distributed_from_env()
     rank, _ = _rank_and_world()
     stream = load_heldout_stream(data_dir, max_tokens)
@@ -745,7 +750,7 @@ def evaluate_perplexity(
             )
     results = {}
     for name, path in models.items():
-        model = load_eval_model(path)
+        model = load_for_eval(path, device_map)
         results[name] = perplexity(model, [stream], lengths, stride=stride, batch_size=batch_size, progress=True)
         del model
     report = {

@@ -56,6 +56,11 @@ def check_device_map(models: dict[str, str], device_map: str) -> None:
             )
     if not torch.cuda.is_available():
         raise UserError(f"--device-map {device_map} spreads a model over GPUs and none is visible: drop --device-map")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            f"--device-map {device_map} drives every GPU from one process, but this is one of "
+            f"{os.environ['WORLD_SIZE']} launched processes: run it without the deepspeed launcher"
+        )
 
 
 def load_for_eval(path: str | os.PathLike, device_map: str = "none"):

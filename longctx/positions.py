@@ -31,7 +31,6 @@ from longctx.evaluate import (
     check_context_reach,
     eval_model_config,
     init_distributed_from_env,
-    load_eval_model,
     load_heldout_stream,
     parse_named_dirs,
     perplexity,
@@ -213,6 +212,8 @@ class RetentionArgs:
     batch_size: int = 1
     max_tokens: int = 0
     """Score only the first N held-out tokens of each domain (0: all)."""
+    device_map: str = "none"
+    """none: each model on one device; balanced: its layers spread over every visible GPU (longctx.placement)."""
 
 
 def parse_data_specs(specs: list[str]) -> dict[str, str]:
@@ -239,6 +240,7 @@ def evaluate_retention(args: RetentionArgs) -> dict[str, Any]:
         raise UserError("--base-context and --batch-size must be >= 1, --max-tokens >= 0 (0: every held-out token)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"output {args.out} is a file: give a directory for the results")
+    check_device_map(args.models, args.device_map)
     init_distributed_from_env()
     streams = {}
     for domain, path in args.data.items():
@@ -251,7 +253,7 @@ def evaluate_retention(args: RetentionArgs) -> dict[str, Any]:
         _check_models_on_stream(args.models, streams[domain], path, [args.base_context])
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in args.models}
     for name, path in args.models.items():
-        model = load_eval_model(path)
+        model = load_for_eval(path, args.device_map)
         for domain, stream in streams.items():
             scored = perplexity(model, [stream], [args.base_context], batch_size=args.batch_size, progress=True)
             results[name][domain] = scored[args.base_context]

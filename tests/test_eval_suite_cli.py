@@ -255,3 +255,16 @@ def test_named_directory_options_share_one_parser(tmp_path):
             parse(["/nowhere"])
         with pytest.raises(UserError, match=f"{option} '=x' is not NAME=DIR or DIR"):
             parse(["=x"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+@pytest.mark.parametrize("command", ["ppl", "retention", "positions"])
+def test_device_map_without_gpus_is_one_line_and_creates_nothing(models, heldout, tmp_path, capsys, command):
+    shard_dir, _ = heldout
+    argv = {"ppl": ["--lengths", 16], "retention": ["--base-context", 16], "positions": ["--length", 16]}[command]
+    code, _, err = run_cli(
+        capsys, command, "--model", models[0], "--data", shard_dir, *argv, "--device-map", "balanced",
+        "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "none is visible: drop --device-map")
+    assert not (tmp_path / "o").exists()

@@ -77,3 +77,13 @@ def test_checkpoints_and_machines_without_gpus_are_refused(model_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="none is visible: drop --device-map"):
             load_across_gpus(model_dir)
+
+
+def test_a_launched_process_is_refused(model_dir, monkeypatch):
+    """One process drives every GPU: under a launcher (WORLD_SIZE > 1) each rank would load the whole model."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one of 2 launched processes: run it without the deepspeed launcher"):
+        check_device_map({"m": str(model_dir)}, "balanced")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_device_map({"m": str(model_dir)}, "balanced")

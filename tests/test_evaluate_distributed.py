@@ -1,5 +1,6 @@
-"""Evaluation spread over 2 ranks (gloo, CPU) gives what one rank gives: perplexity sums and passkey counts; the
-all-reduce they use returns only once gloo has let go of its buffer (so a rank may exit right after it)."""
+"""Evaluation spread over 2 ranks (gloo, CPU) gives what one rank gives: perplexity sums, passkey counts, per-position
+loss sums and RULER answers; the all-reduce they use returns only once gloo has let go of its buffer (so a rank may
+exit right after it)."""
 
 import json
 import os
@@ -42,12 +43,25 @@ def half_right_generator(tokenizer):
 
 
 def evaluate_all():
+    from test_ruler import ByteTokenizer as RulerTokenizer
+
+    from longctx import ruler
+    from longctx.positions import position_nll
+
     tokenizer = ByteTokenizer()
+    # 3 RULER samples (an odd count: unequal shares), answered by a random tiny model: whatever it says, the
+    # gathered answers must be one rank's, in order
+    fmt = ruler.PromptFormat(RulerTokenizer(), None)
+    samples = ruler.generate_samples([ruler.TASKS["niah_single_1"]], [480], [0.0, 0.5, 1.0], 1, fmt, seed=3)
+    answers = ruler.answer_samples(tiny_llama(), RulerTokenizer(), samples, {2}, max_new_tokens=4)
+    sums, windows = position_nll(tiny_llama(), streams()[0], 8, batch_size=2)
     return {
         "ppl": perplexity(tiny_llama(), streams(), LENGTHS, stride=STRIDE, batch_size=2),
         "passkey": passkey_accuracy(
             half_right_generator(tokenizer), tokenizer, PASSKEY_LENGTHS, PASSKEY_DEPTHS, num_trials=PASSKEY_TRIALS
         ),
+        "positions": {"sums": sums.tolist(), "windows": windows},
+        "ruler": [{k: v for k, v in answer.items() if k != "seconds"} for answer in answers],
     }
 
 
@@ -80,6 +94,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert two_ranks["ppl"][length]["num_tokens"] == one_rank["ppl"][length]["num_tokens"] == 79 + 56
         assert two_ranks["ppl"][length]["mean_nll"] == pytest.approx(one_rank["ppl"][length]["mean_nll"], rel=1e-6)
     assert two_ranks["passkey"] == one_rank["passkey"]
+    # eval positions: 9 windows of 8 + 1 tokens in 80, shared 5 / 4, sums all-reduced
+    assert two_ranks["positions"]["windows"] == one_rank["positions"]["windows"] == 9
+    assert two_ranks["positions"]["sums"] == pytest.approx(one_rank["positions"]["sums"], rel=1e-9)
+    # eval ruler: the ranks answer 2 and 1 samples; gathered, they are the one-rank answers in order
+    assert two_ranks["ruler"] == one_rank["ruler"] and [a["depth"] for a in one_rank["ruler"]] == [1.0, 0.5, 0.0]
     accuracies = [a for row in one_rank["passkey"]["accuracy"] for a in row]
     assert 0 < sum(accuracies) < len(accuracies)  # a mix of right and wrong answers, so the reduction is exercised
 

@@ -90,15 +90,31 @@ def train(variant: str, seed: int, inputs: dict[str, Path]) -> float | None:
     return time.perf_counter() - start
 
 
-def training_figures(name: str) -> dict:
-    """Loss, step time and peak memory from metrics.jsonl: seconds per step over the loop after its first step."""
+def training_figures(name: str, variant: str) -> dict:
+    """Loss, step time and peak memory from metrics.jsonl.
+
+    Seconds per step: the median step time (elapsed time between logged steps) of each phase of the run (S²-Attn
+    steps, dense-phase steps), weighted by the phase's steps: robust to a moment of shared cores, and a dense phase
+    counts for what it costs. The plain mean is reported beside it."""
+    from longctx.config import RunConfig, load_config
+    from longctx.trainer import dense_phase_start
+
     lines = [json.loads(line) for line in (RUNS / name / "metrics.jsonl").read_text().splitlines() if line]
-    elapsed = [line["elapsed_s"] for line in lines]
+    step_time = {
+        b["step"]: (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+        for a, b in zip(lines, lines[1:], strict=False)
+    }
+    dense_from = dense_phase_start(load_config(RunConfig, PRESET, VARIANTS[variant]))
+    phases = [[t for step, t in step_time.items() if step <= dense_from], [t for step, t in step_time.items()
+              if step > dense_from]]  # fmt: skip
+    weighted = sum(statistics.median(p) * len(p) for p in phases if p) / len(step_time)
     return {
         "steps": lines[-1]["step"],
         "final_loss": lines[-1]["loss"],
         "mean_loss_last_10_steps": statistics.mean(line["loss"] for line in lines[-10:]),
-        "seconds_per_step": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1),
+        "seconds_per_step": weighted,
+        "seconds_per_step_mean": statistics.mean(step_time.values()),
+        "dense_phase_seconds_per_step": statistics.median(phases[1]) if phases[1] else None,
         "peak_memory_gb": max(line["memory_gb"] for line in lines),
     }
 
@@ -253,7 +269,7 @@ def main() -> int:
                 "variant": variant,
                 "seed": int(name.rsplit("seed", 1)[1]),
                 "overrides": VARIANTS[variant],
-                "training": training_figures(name),
+                "training": training_figures(name, variant),
                 "evaluation": evaluate(name, inputs),
             }
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}

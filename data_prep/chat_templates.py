@@ -134,3 +134,28 @@ def resolve_template(choice: str, hf_tokenizer, tokenizer_path: str | Path) -> C
     if path.suffix == ".jinja" and path.is_file():
         return ChatTemplate(str(path.resolve()), path.read_text(encoding="utf-8"))
     raise UserError(f"--template {choice!r} is neither model, a built-in template ({builtins}) nor a .jinja file")
+
+
+def trained_template(shard_dir: str | Path) -> ChatTemplate | None:
+    """The chat template `prep sft` rendered these shards with, when it is not the tokenizer's own (a built-in or a
+    .jinja file, which the tokenizer's files do not carry); None for pre-training shards, the model's own template,
+    or shards that are no longer there."""
+    manifest = Path(shard_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    template = json.loads(manifest.read_text()).get("sft", {}).get("template") or {}
+    if template.get("name") in (None, "model") or not template.get("text"):
+        return None
+    return ChatTemplate(template["name"], template["text"])
+
+
+def write_chat_template(tokenizer_dir: str | Path, template: ChatTemplate) -> None:
+    """Make `template` the chat template of the saved tokenizer in tokenizer_dir (chat_template.jinja, which
+    transformers' AutoTokenizer loads; a template inside tokenizer_config.json is removed so that it cannot win)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    (tokenizer_dir / "chat_template.jinja").write_text(template.text)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

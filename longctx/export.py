@@ -223,7 +223,7 @@ def _write_adapter(weights: TrainedWeights, out: Path, dtype: torch.dtype, final
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from longctx.merge import scaled_config
+    from longctx.merge import save_tokenizer, scaled_config
 
     cfg, lora = weights.cfg, weights.cfg.lora
     hf_config = scaled_config(cfg)
@@ -257,8 +257,7 @@ def _write_adapter(weights: TrainedWeights, out: Path, dtype: torch.dtype, final
     if cfg.quant.enabled:
         readme += QUANTIZED_BASE_README.format(quant=cfg.quant)
     (out / "README.md").write_text(readme)
-    if tokenizer is not None:
-        tokenizer.save_hf(out)
+    save_tokenizer(tokenizer, out, cfg)
 
 
 def _embedding_names(cfg: RunConfig, hf_config) -> tuple[str, str]:

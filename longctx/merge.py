@@ -247,8 +247,20 @@ def write_merged(
     clean_config(hf_config, weights.cfg, dtype).save_pretrained(str(directory))
     add_legacy_rope_keys(directory / "config.json")
     _write_generation_config(weights.cfg, hf_config, directory)
-    if tokenizer is not None:
-        tokenizer.save_hf(directory)
+    save_tokenizer(tokenizer, directory, weights.cfg)
+
+
+def save_tokenizer(tokenizer, directory: Path, cfg: RunConfig) -> None:
+    """The tokenizer beside a written model, with the chat template the run was trained on when the tokenizer's
+    files do not carry it (SFT shards rendered with a built-in or a .jinja template)."""
+    if tokenizer is None:
+        return
+    tokenizer.save_hf(directory)
+    from data_prep.chat_templates import trained_template, write_chat_template
+
+    template = trained_template(cfg.data.train) if cfg.data.train else None
+    if template is not None:
+        write_chat_template(directory, template)
 
 
 def write_final_model(

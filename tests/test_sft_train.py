@@ -107,6 +107,25 @@ def test_the_loss_counts_only_answer_tokens_and_the_log_reports_supervised_token
     assert abs(steps[0]["loss"] / (all_sum / all_count) - 1) > 0.02  # every token's loss would differ
 
 
+def test_the_final_model_and_its_exports_carry_the_builtin_template_they_were_trained_on(trained, tmp_path):
+    """The base tokenizer has no chat template and the run trained on llama-2's: final/ and both export formats
+    carry it, so plain transformers prompts the model as it was trained."""
+    from transformers import AutoTokenizer
+
+    from data_prep.chat_templates import BUILTIN_TEMPLATES
+    from longctx.export import export
+
+    run_dir, _, model_dir, _ = trained
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template is None
+    export(run_dir, tmp_path / "both", format="both", dtype="fp32")
+    messages = [{"role": "user", "content": "What is word 3?"}]
+    for directory in (run_dir / "final", tmp_path / "both" / "merged", tmp_path / "both" / "adapter"):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        assert tokenizer.chat_template == BUILTIN_TEMPLATES["llama-2"], directory
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert "[INST]" in prompt and prompt.rstrip().endswith("[/INST]"), prompt
+
+
 def test_packed_sft_shards_without_isolation_are_refused_before_training(trained, tmp_path):
     run_dir, shards, model_dir, _ = trained
     overrides = [f"model.path={model_dir}", f"data.train={shards}", *RUN, "attention.isolate_documents=false"]

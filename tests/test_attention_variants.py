@@ -301,3 +301,36 @@ def test_plan_counts_the_attention_each_variant_computes():
     assert entries("attention.dense_phase=1.0") == n * n / 2 * 6
     assert entries("attention.sink_tokens=4", "attention.dense_heads=1") == (n * g / 2 + 4 * n) * 5 + n * n / 2
     assert entries("attention.dense_phase=0.25") == 0.75 * entries() + 0.25 * n * n / 2 * 6
+
+
+def test_bf16_on_a_smollm2_shaped_model_follows_fp32():
+    """The GPU presets' dtype on a real checkpoint's shape (9 heads over 3 kv heads, tied embeddings): the core in
+    bf16 stays within bf16 rounding of the float64 reference, and a training forward + backward of the model with
+    sinks and dense heads in bf16 follows the same model in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    q, k, v = random_qkv(2, 9, 3, 64, head_dim=16, dtype=torch.bfloat16, seed=11)
+    kwargs = arguments("isolated", 64)
+    got = s2_attention(q, k, v, 16, sink_tokens=4, num_dense_heads=2, **kwargs)
+    assert got.dtype == torch.bfloat16
+    expected = variant_reference(q, k, v, 16, sink_tokens=4, dense_heads=2, **kwargs)
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
+
+    attention.register()
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=144, intermediate_size=192, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=128, tie_word_embeddings=True, attn_implementation="s2attn",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models = {dtype: LlamaForCausalLM(config).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    models[torch.bfloat16].load_state_dict(models[torch.float32].state_dict())
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for dtype, model in models.items():
+        attention.configure(model, group_size=16, sink_tokens=4, dense_heads=2)
+        model.train()
+        loss = model(input_ids=ids, labels=ids, position_ids=kwargs["position_ids"]).loss
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        losses[dtype] = loss.item()
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=1e-2)

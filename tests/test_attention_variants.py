@@ -292,11 +292,15 @@ def test_plan_counts_the_attention_each_variant_computes():
     from longctx.config import RunConfig, load_config
     from longctx.plan import score_entries
 
-    def entries(*overrides):
-        return score_entries(load_config(RunConfig, "launch/presets/tiny-cpu.yaml", list(overrides)), 6)
+    def entries(*overrides, plain=True):
+        first = ["attention.sink_tokens=0", "attention.dense_heads=0", "attention.dense_phase=0"] if plain else []
+        return score_entries(load_config(RunConfig, "launch/presets/tiny-cpu.yaml", [*first, *overrides]), 6)
 
     n, g = 2048, 1024  # the preset's N and G
     assert entries() == n * g / 2 * 6
+    # The demo's preset trains the combination: 4 sinks, 1 dense head of 6, the last 25% of the steps dense.
+    combined = 0.75 * ((n * g / 2 + 4 * n) * 5 + n * n / 2) + 0.25 * n * n / 2 * 6
+    assert entries(plain=False) == combined
     assert entries("attention.implementation=sdpa") == entries("attention.dense_heads=6") == n * n / 2 * 6
     assert entries("attention.dense_phase=1.0") == n * n / 2 * 6
     assert entries("attention.sink_tokens=4", "attention.dense_heads=1") == (n * g / 2 + 4 * n) * 5 + n * n / 2

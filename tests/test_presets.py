@@ -65,6 +65,23 @@ def released_config(preset: str, **changes) -> AutoConfig:
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
+def test_the_reach_preset_is_the_recipe_plus_the_variants_and_the_paper_presets_stay_plain():
+    """llama2-7b-32k-reach differs from llama2-7b-32k only in the three S²-Attn variant options (and its output
+    directory); the demo's LongLoRA stage trains the same combination; the paper's presets keep plain S²-Attn."""
+    from dataclasses import asdict, replace
+
+    plain, reach = preset_config("llama2-7b-32k"), preset_config("llama2-7b-32k-reach")
+    assert (reach.attention.sink_tokens, reach.attention.dense_heads, reach.attention.dense_phase) == (4, 2, 0.25)
+    variant = {"sink_tokens": 0, "dense_heads": 0, "dense_phase": 0.0}
+    reach = replace(reach, attention=replace(reach.attention, **variant), train=replace(reach.train, output_dir=""))
+    assert asdict(reach) == asdict(replace(plain, train=replace(plain.train, output_dir="")))
+    demo = preset_config("tiny-cpu").attention
+    assert (demo.sink_tokens, demo.dense_heads, demo.dense_phase) == (4, 1, 0.25)
+    for preset in LLAMA2_PRESETS:
+        if preset.stem != "llama2-7b-32k-reach":
+            assert not load_config(RunConfig, preset).attention.variant, preset.stem
+
+
 def test_llama31_at_128k_trains_at_its_own_context_without_interpolation():
     cfg, config = preset_config("llama3.1-8b-128k"), released_config("llama3.1-8b-128k")
     rope = resolve_rope(cfg, config)

@@ -62,7 +62,12 @@ VARIANTS: dict[str, list[str]] = {
 # LLaMA-2-7B for the attention-core timing and the FLOP model; 2 of 32 heads dense is the demo's 1 of 6 scaled down
 # to what fits the cost goal (<= 1.2x plain S²-Attn's step).
 LLAMA7B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "head_dim": 128}
-LLAMA7B_VARIANTS = {"s2attn": {}, "sinks": {"sink_tokens": 4}, "dense-heads": {"num_dense_heads": 2}}
+LLAMA7B_VARIANTS = {
+    "s2attn": {},
+    "sinks": {"sink_tokens": 4},
+    "dense-heads": {"num_dense_heads": 2},
+    "sinks+dense-heads": {"sink_tokens": 4, "num_dense_heads": 2},  # the combination outside its dense phase
+}
 
 
 def demo_inputs(demo_dir: Path) -> dict[str, Path]:
@@ -162,28 +167,59 @@ def evaluate(name: str, inputs: dict[str, Path]) -> dict:
     return result
 
 
-def attention_core_times(seq_len: int, repeats: int) -> dict:
-    """Forward + backward seconds (min over repeats) of the attention core at LLaMA-7B's head shape, per variant."""
+def core_method(name: str, group_size: int):
+    """The attention core of one variant (or dense attention) at LLaMA-7B's head shape: (q, k, v) -> output."""
     from longctx.attention import dense_attention, s2_attention
 
+    if name == "dense":
+        return lambda q, k, v: dense_attention(q, k, v)
+    return lambda q, k, v: s2_attention(q, k, v, group_size, **LLAMA7B_VARIANTS[name])
+
+
+def core_inputs(seq_len: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    heads, head_dim = LLAMA7B["heads"], LLAMA7B["head_dim"]
+    return [torch.randn(1, LLAMA7B["heads"], seq_len, LLAMA7B["head_dim"]) for _ in range(3)]
+
+
+def core_peak_mb(name: str, seq_len: int) -> float:
+    """Peak resident memory (MiB) one forward + backward of the core adds over its inputs: run in a fresh process,
+    whose high-water mark is reset (/proc/self/clear_refs) once the inputs exist, then read from VmHWM."""
+
+    def status_kb(field: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1])
+
+    q, k, v = (x.requires_grad_() for x in core_inputs(seq_len))
+    attend = core_method(name, seq_len // 4)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    base = status_kb("VmRSS:")
+    attend(q, k, v).sum().backward()
+    return (status_kb("VmHWM:") - base) / 1024
+
+
+def attention_core_times(seq_len: int, repeats: int) -> dict:
+    """Forward + backward seconds (min over repeats) of the attention core at LLaMA-7B's head shape, per variant,
+    and the peak memory each adds (one fresh process per variant)."""
+    import multiprocessing
+
     group_size = seq_len // 4
-    inputs = [torch.randn(1, heads, seq_len, head_dim) for _ in range(3)]
-    methods = {name: (lambda q, k, v, kw=kw: s2_attention(q, k, v, group_size, **kw)) for name, kw in
-               LLAMA7B_VARIANTS.items()}  # fmt: skip
-    methods["dense"] = lambda q, k, v: dense_attention(q, k, v)
+    inputs = core_inputs(seq_len)
+    names = [*LLAMA7B_VARIANTS, "dense"]
     times = {}
-    for name, attend in methods.items():
-        best = float("inf")
+    for name in names:
+        attend, best = core_method(name, group_size), float("inf")
         for _ in range(repeats):
             q, k, v = (x.clone().requires_grad_() for x in inputs)
             start = time.perf_counter()
             attend(q, k, v).sum().backward()
             best = min(best, time.perf_counter() - start)
         times[name] = best
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        peak = {name: pool.apply(core_peak_mb, (name, seq_len)) for name in names}
     return {"seq_len": seq_len, "group_size": group_size, "seconds": times,
-            "relative_to_s2attn": {name: t / times["s2attn"] for name, t in times.items()}}  # fmt: skip
+            "relative_to_s2attn": {name: t / times["s2attn"] for name, t in times.items()},
+            "peak_mb_over_inputs": peak,
+            "peak_relative_to_s2attn": {name: m / peak["s2attn"] for name, m in peak.items()}}  # fmt: skip
 
 
 def step_flops_model(seq_len: int = 32_768, dense_phase: float = 0.1, combined_phase: float = 0.25) -> dict:
@@ -280,7 +316,7 @@ def main() -> int:
             }
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     core = previous.get("attention_core_llama7b_cpu")
-    if core is None or core.get("seq_len") != args.core_seq_len:
+    if core is None or core.get("seq_len") != args.core_seq_len or set(core["seconds"]) != {*LLAMA7B_VARIANTS, "dense"}:
         print("\n=== s2attn_variants: attention core at LLaMA-7B's head shape ===", flush=True)
         core = attention_core_times(args.core_seq_len, args.core_repeats)
     result = {

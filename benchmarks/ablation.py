@@ -34,8 +34,6 @@ from longctx.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = demo.PRESETS / "tiny-cpu.yaml"
-# The paper's ablation is of plain S²-Attn; the preset now trains the variant that reaches further.
-PLAIN_S2ATTN = ["attention.sink_tokens=0", "attention.dense_heads=0", "attention.dense_phase=0"]
 RUNS = REPO / "runs" / "ablation"
 LENGTHS = [demo.BASE_CONTEXT * k for k in (1, 2, 4, 8)]
 
@@ -67,7 +65,7 @@ def demo_inputs(demo_dir: Path) -> dict[str, Path]:
 
 def variant_overrides(name: str, inputs: dict[str, Path], steps: int | None) -> list[str]:
     common = [f"model.path={inputs['base']}", f"data.train={inputs['train']}", f"train.output_dir={RUNS / name}"]
-    common += PLAIN_S2ATTN
+    common += demo.PLAIN_S2ATTN  # the paper's ablation is of plain S²-Attn
     return common + ([f"train.max_steps={steps}"] if steps else []) + VARIANTS[name]
 
 

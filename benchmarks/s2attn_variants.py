@@ -49,7 +49,7 @@ EVAL_TOKENS = demo.EVAL_TOKENS  # held-out tokens per length: the demo's sample,
 POSITION_WINDOWS = 16
 
 # Each variant sets all three options: the preset itself trains the combination (since the second seed confirmed it).
-PLAIN = ["attention.sink_tokens=0", "attention.dense_heads=0", "attention.dense_phase=0"]
+PLAIN = demo.PLAIN_S2ATTN
 VARIANTS: dict[str, list[str]] = {
     "s2attn": PLAIN,
     "sinks": [*PLAIN, "attention.sink_tokens=4"],

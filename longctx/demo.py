@@ -89,6 +89,9 @@ EVAL_TOKENS = 32_768  # held-out tokens scored per length: a stable figure, quic
 EVAL_PROTOCOLS = {"windows": lambda length: length, "sliding": lambda length: length // 4}
 PROTOCOL_LABELS = {"windows": "windows of L", "sliding": "sliding, stride L/4"}
 PRESETS = Path(__file__).resolve().parent.parent / "launch" / "presets"
+# Overrides that turn the extend stage's preset (tiny-cpu.yaml, which trains the S²-Attn variants) back into the
+# paper's plain S²-Attn: for the comparisons that measure plain S²-Attn.
+PLAIN_S2ATTN = ["attention.sink_tokens=0", "attention.dense_heads=0", "attention.dense_phase=0"]
 # RULER in the demo: a 3M-parameter model trained on Python sources follows no English instruction, so the one task it
 # can do at all is copying a number out of a Python haystack (its own held-out sources): niah_single_2, the needle at
 # the start, middle and end, one sample per cell (cut samples, not lengths), answers cut at 12 tokens (a 7-digit

@@ -290,10 +290,11 @@ def test_dense_phase_trains_its_last_steps_densely_and_resumes_into_it(tmp_path)
 
 def test_plan_counts_the_attention_each_variant_computes():
     from longctx.config import RunConfig, load_config
+    from longctx.demo import PLAIN_S2ATTN
     from longctx.plan import score_entries
 
     def entries(*overrides, plain=True):
-        first = ["attention.sink_tokens=0", "attention.dense_heads=0", "attention.dense_phase=0"] if plain else []
+        first = PLAIN_S2ATTN if plain else []
         return score_entries(load_config(RunConfig, "launch/presets/tiny-cpu.yaml", [*first, *overrides]), 6)
 
     n, g = 2048, 1024  # the preset's N and G

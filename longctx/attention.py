@@ -347,13 +347,16 @@ def _kv_heads_of_blocks(first_head: int, num_blocks: int, block_heads: int, head
 
 @dataclass
 class _Windows:
-    """`count` windows of `size` slots each, one run per window (padding after it); with sinks, `prefix` sink tokens
-    read before each run: their rows, `count` × `prefix` of them, window after window."""
+    """`count` windows of `prefix + size` slots each: with sinks, `prefix` slots holding the keys and values of the
+    sinks the run reads, then the run in `size` slots (padding after it)."""
 
     count: int
     size: int
     prefix: int = 0
-    prefix_rows: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.prefix + self.size
 
 
 class _SinkSource:
@@ -404,18 +407,21 @@ class _RunLayout:
     windows: list[_Windows]  # SDPA: the buffer cut into windows, in buffer order; flash: unused
     cu_seqlens: torch.Tensor | None  # flash: (num_runs + 1,) int32 run boundaries in the buffer; SDPA: None
     longest_run: int
+    # sinks: keys and values also go to the windows' sink slots, sink_slots[i] <- row sink_rows[i]; None without sinks
+    sink_slots: torch.Tensor | None = None
+    sink_rows: torch.Tensor | None = None
 
 
 def _window_slots(
     run_lengths: torch.Tensor, longest_run: int, prefix_lengths: torch.Tensor | None = None
-) -> tuple[torch.Tensor, list[_Windows], torch.Tensor, torch.Tensor]:
-    """First buffer slot of each run, and the windows, when every run gets its own window.
+) -> tuple[torch.Tensor, list[_Windows]]:
+    """First buffer slot of each run's window, and the windows, when every run gets its own window.
 
-    A run's window is its length rounded up to a multiple of `step`; runs of one window size (and, with sinks, one
-    sink count) are adjacent in the buffer (largest size first), so each class is one SDPA call over
-    (count, heads, size, D) with is_causal, exact because padding only follows real tokens. With plain positions
-    that is full groups, the half groups of shifted heads and the tails: no padding but the tails'. Also returns
-    the runs class by class (in buffer order) and where each class's runs begin in that list.
+    A run's window is its sink slots (prefix_lengths, with sinks) then its length rounded up to a multiple of
+    `step`; runs of one window size and one sink count are adjacent in the buffer (largest size first), so each
+    class is one SDPA call over (count, heads, prefix + size, D) with is_causal, exact because padding only follows
+    real tokens and the sinks come before every query of the run. With plain positions that is full groups, the half
+    groups of shifted heads and the tails: no padding but the tails'.
     """
     step = max(16, -(-longest_run // _WINDOW_SIZE_CLASSES))
     sizes = -(-run_lengths // step) * step
@@ -423,19 +429,19 @@ def _window_slots(
     classes = sizes * stride + (0 if prefix_lengths is None else prefix_lengths)
     class_keys, class_of_run = torch.unique(classes, return_inverse=True)  # host sync: unique sizes its output
     class_keys, class_of_run = class_keys.flip(0), len(class_keys) - 1 - class_of_run  # largest first
-    class_sizes = class_keys // stride
+    class_widths = class_keys // stride + class_keys % stride  # window size + sink slots
     counts = torch.bincount(class_of_run, minlength=len(class_keys))  # host sync: bincount sizes its output
-    class_first_slot = F.pad((counts * class_sizes).cumsum(0), (1, 0))[:-1]
+    class_first_slot = F.pad((counts * class_widths).cumsum(0), (1, 0))[:-1]
     class_first_run = F.pad(counts.cumsum(0), (1, 0))[:-1]
     by_class = torch.argsort(class_of_run, stable=True)
     rank_in_class = torch.empty_like(by_class)
     rank_in_class[by_class] = (
         torch.arange(len(by_class), device=by_class.device) - class_first_run[class_of_run[by_class]]
     )
-    run_slot_start = class_first_slot[class_of_run] + rank_in_class * sizes
+    run_window_start = class_first_slot[class_of_run] + rank_in_class * class_widths[class_of_run]
     # host sync: the window shapes are the SDPA calls' shapes
     windows = [_Windows(count, key // stride, key % stride) for count, key in zip(counts.tolist(), class_keys.tolist())]
-    return run_slot_start, windows, by_class, class_first_run
+    return run_window_start, windows
 
 
 def _run_layout(
@@ -462,17 +468,21 @@ def _run_layout(
     sample = torch.arange(batch, device=device)[:, None, None]
     block = torch.arange(num_blocks, device=device)[None, :, None]
     row = ((sample * seq_len + token) * num_blocks + block).reshape(-1)  # row of each sorted position
+    sink_slots = sink_rows = None
     if pack:
-        prefix_lengths = prefix_rows = None
+        prefix_lengths = None
         if sinks is not None:  # a run's first sorted position holds its first token (the sort is stable)
             first_row = row[run_first]
             prefix_lengths, prefix_rows = sinks.prefixes(first_row // num_blocks, first_row % num_blocks, num_blocks)
-        run_slot_start, windows, by_class, class_first_run = _window_slots(run_lengths, longest_run, prefix_lengths)
-        for windows_of_class, first in zip(windows, class_first_run.tolist()):
-            if windows_of_class.prefix:
-                runs = by_class[first : first + windows_of_class.count]
-                windows_of_class.prefix_rows = prefix_rows[runs, : windows_of_class.prefix].reshape(-1)
-        num_slots, cu_seqlens = sum(w.count * w.size for w in windows), None
+        run_window_start, windows = _window_slots(run_lengths, longest_run, prefix_lengths)
+        run_slot_start = run_window_start
+        if prefix_lengths is not None:  # each window's first prefix_lengths slots hold its sinks, then the run
+            run_slot_start = run_window_start + prefix_lengths
+            slot = torch.arange(prefix_rows.shape[1], device=device)
+            is_sink = slot < prefix_lengths[:, None]
+            sink_slots = (run_window_start[:, None] + slot)[is_sink]  # host sync: boolean indexing sizes its output
+            sink_rows = prefix_rows[is_sink]
+        num_slots, cu_seqlens = sum(w.count * w.width for w in windows), None
     else:
         run_slot_start, num_slots, windows = run_first, num_rows, []
         cu_seqlens = F.pad(run_lengths.cumsum(0), (1, 0)).to(torch.int32)
@@ -485,7 +495,7 @@ def _run_layout(
         is_padding = torch.ones(num_slots, dtype=torch.bool, device=device)
         is_padding[sorted_slot] = False
         padding_slots = is_padding.nonzero().squeeze(1)  # host sync: the number of padding slots
-    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, cu_seqlens, longest_run)
+    return _RunLayout(slot_of_row, num_slots, padding_slots, windows, cu_seqlens, longest_run, sink_slots, sink_rows)
 
 
 def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
@@ -496,20 +506,29 @@ def _sdpa(q, k, v, *, scale, dropout, is_causal=False, mask=None):
 
 
 class _RowsToSlots(torch.autograd.Function):
-    """(rows, h, D) -> (num_slots, h, D) by an injective row -> slot map, padding slots zero.
+    """(rows, h, D) -> (num_slots, h, D) by an injective row -> slot map, padding slots zero; with_sinks (keys and
+    values): the sink slots also get their sink rows' copies.
 
     Written out because autograd's own backward of the inverse (index_select) is a zero fill plus scatter-add, where
-    an injective map only needs a gather; and only padding slots are ever zeroed.
+    an injective map only needs a gather (plus a small scatter-add of the sink slots' gradients); and only padding
+    slots are ever zeroed.
     """
 
     @staticmethod
-    def forward(ctx, rows, layout):
-        ctx.layout = layout
-        return _scatter_rows(rows, layout)
+    def forward(ctx, rows, layout, with_sinks):
+        ctx.layout, ctx.with_sinks = layout, with_sinks and layout.sink_slots is not None
+        slots = _scatter_rows(rows, layout)
+        if ctx.with_sinks:
+            slots.index_copy_(0, layout.sink_slots, rows.index_select(0, layout.sink_rows))
+        return slots
 
     @staticmethod
     def backward(ctx, grad_slots):
-        return grad_slots.index_select(0, ctx.layout.slot_of_row), None
+        layout = ctx.layout
+        grad_rows = grad_slots.index_select(0, layout.slot_of_row)
+        if ctx.with_sinks:
+            grad_rows.index_add_(0, layout.sink_rows, grad_slots.index_select(0, layout.sink_slots))
+        return grad_rows, None, None
 
 
 class _SlotsToRows(torch.autograd.Function):
@@ -532,8 +551,8 @@ def _scatter_rows(rows: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
     return slots
 
 
-def _to_buffer(rows: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
-    return _RowsToSlots.apply(rows, layout)
+def _to_buffer(rows: torch.Tensor, layout: _RunLayout, with_sinks: bool = False) -> torch.Tensor:
+    return _RowsToSlots.apply(rows, layout, with_sinks)
 
 
 def _from_buffer(slots: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
@@ -542,31 +561,21 @@ def _from_buffer(slots: torch.Tensor, layout: _RunLayout) -> torch.Tensor:
 
 def _sdpa_over_windows(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, dropout: float) -> torch.Tensor:
     head_dim = q_rows.shape[-1]
-    buffers = [_to_buffer(rows, layout) for rows in (q_rows, k_rows, v_rows)]  # (num_slots, h, D) each
+    # (num_slots, h, D) each. With sinks, a window's sink slots hold the sinks' keys and values (and zero queries,
+    # whose outputs no row reads): causal attention over the window lets every query of the run read all its sinks.
+    buffers = [_to_buffer(q_rows, layout), _to_buffer(k_rows, layout, True), _to_buffer(v_rows, layout, True)]
     # split, not slicing: its backward is one cat instead of a zero-filled buffer per slice
-    sizes = [windows.count * windows.size for windows in layout.windows]
+    sizes = [windows.count * windows.width for windows in layout.windows]
     pieces = [x.split(sizes) for x in buffers]
     outputs = []
     for index, windows in enumerate(layout.windows):
-        # (slots, h, D) -> (count, h, size, D)
+        # (slots, h, D) -> (count, h, width, D)
         q, k, v = (
-            x[index].view(windows.count, windows.size, x[index].shape[1], head_dim).transpose(1, 2) for x in pieces
+            x[index].view(windows.count, windows.width, x[index].shape[1], head_dim).transpose(1, 2) for x in pieces
         )
-        if windows.prefix:  # sinks: [sinks; run] keys, and as many query rows before the run, whose outputs go
-            k, v = (_with_sinks(x, rows, windows) for x, rows in ((k, k_rows), (v, v_rows)))
-            q = torch.cat([q.new_zeros(windows.count, q.shape[1], windows.prefix, head_dim), q], 2)
         out = _sdpa(q, k, v, scale=scale, dropout=dropout, is_causal=True)
-        if windows.prefix:
-            out = out[:, :, windows.prefix :]
         outputs.append(out.transpose(1, 2).reshape(-1, q_rows.shape[1], head_dim))
     return _from_buffer(torch.cat(outputs) if len(outputs) > 1 else outputs[0], layout)
-
-
-def _with_sinks(x: torch.Tensor, rows: torch.Tensor, windows: _Windows) -> torch.Tensor:
-    """(count, h, size, D) windows of keys or values with their sinks' (from rows (B * N * blocks, h, D)) before
-    them: (count, h, prefix + size, D). Causal attention over it lets every query of the run read all its sinks."""
-    sinks = rows.index_select(0, windows.prefix_rows).view(windows.count, windows.prefix, *rows.shape[1:])
-    return torch.cat([sinks.transpose(1, 2), x], 2)
 
 
 @functools.cache  # a missing flash-attn stays missing: no import retried in every layer

@@ -19,6 +19,9 @@ tokens. Then:
   and the tails, so at most three calls per pass and no padding but the tails'.
 - flash backend (flash-attn installed, CUDA, half precision): the runs are the sequences of one
   `flash_attn_varlen_func` call per pass, cu_seqlens from the run lengths; no padding at all.
+- plain positions on the CPU (0..N-1 in every row, no segments, no dropout): no layout and no buffer. Every run is a
+  contiguous span, so CPU flash attention (the kernel SDPA runs) reads the windows in place and writes into one
+  output, and its backward into one dq, dk, dv (`_InPlaceWindows`): what the backward keeps is dense attention's.
 
 Tokens move between (B, N, H, D) and the window buffer by one index_copy / index_select each way, so autograd adds
 no full-size zero fills per slice. Key/value heads are repeated only where a block of query heads reads kv heads
@@ -126,6 +129,9 @@ def s2_attention(
     backend = "sdpa" if sink_tokens else resolve_backend(backend, q)
     heads_per_kv = num_heads // num_kv_heads
     passes = _head_passes(num_heads, num_unshifted_heads, group_size, num_dense_heads, seq_len)
+    if _in_place_usable(q, k, v, backend, dropout, segment_ids, position_ids):
+        plan = _in_place_plan(tuple(passes), seq_len, sink_tokens, heads_per_kv)
+        return _InPlaceWindows.apply(q, k, v, plan, scale).transpose(1, 2)
 
     q_tokens = q.transpose(1, 2)  # (B, N, H, D): the order index_copy/select work in
     # split, not slicing: its backward is one cat instead of a zero-filled q per pass
@@ -603,6 +609,227 @@ def _flash_over_runs(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, d
         causal=True,
     )
     return _from_buffer(out, layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain positions on the CPU: windows read in place, memory as dense attention's
+# ----------------------------------------------------------------------------------------------------------------
+
+# Tests turn this off to compare with the window-buffer computation.
+_in_place_windows = True
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# A kernel call covers at most this share of a sample's (token, query head) pairs (at least one window of one kv head).
+_CALL_SHARE = 32
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """`count` consecutive windows of `length` tokens from token `start` on, in query heads [q_heads) reading kv heads
+    [kv_heads) (as grouped-query attention: evenly), each run also reading the first `sinks` tokens."""
+
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    start: int
+    count: int
+    length: int
+    sinks: int
+
+
+def _in_place_usable(q, k, v, backend, dropout, segment_ids, position_ids) -> bool:
+    """Plain positions (0..N-1 in every row, no segments) on the CPU without dropout: each run is a contiguous span
+    of tokens, so the kernel can read the windows where they are (a strided view), no layout, no copy."""
+    return (
+        _in_place_windows
+        and _flash_cpu is not None
+        and _flash_cpu_backward is not None
+        and backend == "sdpa"
+        and q.device.type == "cpu"
+        and dropout == 0.0
+        and segment_ids is None
+        and q.dtype == k.dtype == v.dtype
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and (position_ids is None or _is_arange(position_ids))
+    )
+
+
+@functools.cache
+def _in_place_plan(
+    passes: tuple[tuple[int, tuple[tuple[int, int], ...]], ...], seq_len: int, sink_tokens: int, heads_per_kv: int
+) -> tuple[_Piece, ...]:
+    """The pieces that cover every (token, query head) once, for plain positions: per head block (group size G,
+    offset s), the run before the first boundary (t + s) % G == 0, the full groups after it and the tail. Every run
+    but the one at token 0 starts at G/2 or later, past the k <= G/2 sinks: it reads all of them (dense heads none).
+
+    Each piece is one kernel call per sample at most (all samples when it is one window) and covers at most
+    1/_CALL_SHARE of the (token, query head) pairs of a sample, one window at least: a call's outputs and gradients
+    live only until they are written into place, so they add that share at most.
+    """
+    pieces, first_head = [], 0
+    budget = max(1, seq_len * sum(num_pass_heads for num_pass_heads, _ in passes) // _CALL_SHARE)
+    for num_pass_heads, blocks in passes:
+        block_heads = num_pass_heads // len(blocks)
+        for size, offset in blocks:
+            heads = (first_head, first_head + block_heads)
+            first_head += block_heads
+            dense = size > 2 * seq_len
+            spans, start = [], 0
+            if offset:
+                spans.append((0, 1, min(seq_len, size - offset)))
+                start = size - offset
+            full = max(0, (seq_len - start) // size)
+            if full and sink_tokens and start == 0 and not dense:  # the group at token 0 reads no sinks, the rest do
+                spans.append((0, 1, size))
+                start, full = size, full - 1
+            if full:
+                spans.append((start, full, size))
+            tail = start + full * size
+            if tail < seq_len and start < seq_len:
+                spans.append((tail, 1, seq_len - tail))
+            for head_range in _even_kv_ranges(heads, heads_per_kv):
+                kv = (head_range[0] // heads_per_kv, (head_range[1] - 1) // heads_per_kv + 1)
+                for span_start, count, length in spans:
+                    sinks = 0 if dense or span_start == 0 else sink_tokens
+                    for q_heads, kv_heads in _head_chunks(head_range, kv, length, budget):
+                        per_call = max(1, budget // (length * (q_heads[1] - q_heads[0])))
+                        for first in range(0, count, per_call):
+                            start = span_start + first * length
+                            pieces.append(_Piece(q_heads, kv_heads, start, min(per_call, count - first), length, sinks))
+    return tuple(pieces)
+
+
+def _head_chunks(heads: tuple[int, int], kv_heads: tuple[int, int], length: int, budget: int):
+    """Query heads [heads) reading kv heads [kv_heads) evenly, cut at kv-head boundaries into chunks of at most
+    `budget` // length query heads (at least one kv head's)."""
+    num_kv = kv_heads[1] - kv_heads[0]
+    per_kv = (heads[1] - heads[0]) // num_kv
+    kv_per_chunk = max(1, budget // (length * per_kv))
+    for first in range(0, num_kv, kv_per_chunk):
+        last = min(first + kv_per_chunk, num_kv)
+        yield (heads[0] + first * per_kv, heads[0] + last * per_kv), (kv_heads[0] + first, kv_heads[0] + last)
+
+
+def _even_kv_ranges(heads: tuple[int, int], heads_per_kv: int) -> list[tuple[int, int]]:
+    """Query heads [heads) as ranges that each read their kv heads evenly (grouped-query attention's rule): the whole
+    range when it covers its kv heads alike, else one range per kv head (9 heads over 3 kv heads: heads 0..3 are
+    0..2 reading kv head 0 and 3 reading kv head 1)."""
+    first, end = heads
+    counts = {}
+    for head in range(first, end):
+        counts[head // heads_per_kv] = counts.get(head // heads_per_kv, 0) + 1
+    if len(set(counts.values())) == 1:
+        return [heads]
+    return [(max(first, kv * heads_per_kv), min(end, (kv + 1) * heads_per_kv)) for kv in counts]
+
+
+def _piece_views(piece: _Piece, batch: int, *tensors: torch.Tensor):
+    """For each kernel call of a piece: (the views of tensors (B, N, heads, D) token-major, each at the piece's query
+    or kv heads by its head count, as (windows, heads, length, D)), and the sample (None: all samples) it covers."""
+    one_call = piece.count == 1 or batch == 1
+    for sample in [None] if one_call else range(batch):
+        views = []
+        for x, heads in tensors:
+            x = x[:, piece.start : piece.start + piece.count * piece.length, heads[0] : heads[1]]
+            if piece.count == 1:
+                views.append(x.transpose(1, 2))  # (B, heads, length, D)
+            else:  # (1 sample, count * length, ...) -> (count, heads, length, D): still a view
+                x = x[0 if sample is None else sample]
+                views.append(x.unflatten(0, (piece.count, piece.length)).transpose(1, 2))
+        yield views, sample
+
+
+def _sinks_of(piece: _Piece, x: torch.Tensor, sample: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """The sinks' keys or values from x (B, N, Hkv, D) as (B or 1 sample, query heads of the piece, k, D)."""
+    x = x[:, : piece.sinks, piece.kv_heads[0] : piece.kv_heads[1]]
+    if sample is not None:
+        x = x[sample : sample + 1]
+    x = x.transpose(1, 2).to(dtype)
+    repeat = (piece.q_heads[1] - piece.q_heads[0]) // (piece.kv_heads[1] - piece.kv_heads[0])
+    return x.repeat_interleave(repeat, dim=1) if repeat > 1 else x
+
+
+class _InPlaceWindows(torch.autograd.Function):
+    """S²-Attn over plain positions with the CPU flash kernel (the one SDPA runs), reading q, k, v in place: forward
+    writes each call's output into one (B, N, H, D) tensor and keeps only it and the log-sum-exps, backward writes
+    each call's gradients into dq, dk, dv. So the memory is dense attention's: inputs, output, one call's worth.
+
+    Sinks are a second, small attention of each window's queries to the k sink keys, merged with the window's by
+    log-sum-exp; the kernel's backward given the merged output and log-sum-exp yields the window part's exact
+    gradients (softmax over the union), the sink part's are written out here.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        batch, num_heads, seq_len, head_dim = q.shape
+        q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))  # (B, N, heads, D) views
+        out = q.new_empty(batch, seq_len, num_heads, head_dim)
+        log_sum_exps = []
+        for piece in plan:
+            for (q_p, k_p, v_p, out_p), sample in _piece_views(
+                piece, batch, (q_t, piece.q_heads), (k_t, piece.kv_heads), (v_t, piece.kv_heads), (out, piece.q_heads)
+            ):
+                o, lse = _flash_cpu(q_p, k_p, v_p, 0.0, True, scale=scale)
+                if piece.sinks:  # lse's dtype: float32, or float64 for float64 inputs
+                    sink_k, sink_v = (_sinks_of(piece, x, sample, lse.dtype) for x in (k_t, v_t))
+                    scores = q_p.to(lse.dtype) @ sink_k.transpose(-1, -2) * scale
+                    merged = torch.logaddexp(lse, torch.logsumexp(scores, -1))
+                    sink_part = torch.exp(scores - merged[..., None]) @ sink_v
+                    o = o.to(lse.dtype) * torch.exp(lse - merged)[..., None] + sink_part
+                    lse = merged
+                out_p.copy_(o)
+                log_sum_exps.append(lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, out, *log_sum_exps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, *log_sum_exps = ctx.saved_tensors
+        scale, batch = ctx.scale, q.shape[0]
+        q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
+        grad_q = torch.empty_like(q).transpose(1, 2)  # every (token, query head) lies in exactly one piece
+        grad_k, grad_v = (torch.zeros_like(x).transpose(1, 2) for x in (k, v))  # kv heads and sinks: several
+        lse_of_call = iter(log_sum_exps)
+        for piece in ctx.plan:
+            for (q_p, k_p, v_p, out_p, g_p, dq_p, dk_p, dv_p), sample in _piece_views(
+                piece,
+                batch,
+                *((x, piece.q_heads) for x in (q_t,)),
+                *((x, piece.kv_heads) for x in (k_t, v_t)),
+                *((x, piece.q_heads) for x in (out, grad_out, grad_q)),
+                *((x, piece.kv_heads) for x in (grad_k, grad_v)),
+            ):
+                lse = next(lse_of_call)
+                if g_p.stride(-1) != 1 or 0 in g_p.stride():  # e.g. expanded (of a sum): one call's part only
+                    g_p = g_p.contiguous()
+                dq, dk, dv = _flash_cpu_backward(g_p, q_p, k_p, v_p, out_p, lse, 0.0, True, scale=scale)
+                if piece.sinks:
+                    sink_k, sink_v = (_sinks_of(piece, x, sample, lse.dtype) for x in (k_t, v_t))
+                    g_acc, q_acc = g_p.to(lse.dtype), q_p.to(lse.dtype)
+                    probs = torch.exp(q_acc @ sink_k.transpose(-1, -2) * scale - lse[..., None])  # (.., length, k)
+                    rowsum = (g_acc * out_p.to(lse.dtype)).sum(-1, keepdim=True)
+                    grad_scores = probs * (g_acc @ sink_v.transpose(-1, -2) - rowsum) * scale
+                    dq = dq.to(lse.dtype) + grad_scores @ sink_k
+                    _add_sink_grads(grad_k, piece, sample, grad_scores.transpose(-1, -2) @ q_acc)
+                    _add_sink_grads(grad_v, piece, sample, probs.transpose(-1, -2) @ g_acc)
+                dq_p.copy_(dq)
+                dk_p.add_(dk)
+                dv_p.add_(dv)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None
+
+
+def _add_sink_grads(grad: torch.Tensor, piece: _Piece, sample: int | None, sink_grad: torch.Tensor) -> None:
+    """Add (windows, query heads, k, D) gradients of the sinks to grad (B, N, Hkv, D): summed over the windows (of
+    one sample, or one per sample) and over the query heads that share a kv head."""
+    windows, heads, sinks, head_dim = sink_grad.shape
+    kv = piece.kv_heads[1] - piece.kv_heads[0]
+    sink_grad = sink_grad.view(windows, kv, heads // kv, sinks, head_dim).sum(2).transpose(1, 2)  # (w, k, kv, D)
+    target = grad[:, :sinks, piece.kv_heads[0] : piece.kv_heads[1]]  # (B, k, kv, D)
+    if piece.count == 1:  # one window per sample (of all samples, or of `sample`)
+        target = target if sample is None else target[sample : sample + 1]
+    else:  # the windows of one sample (the only one when sample is None)
+        target, sink_grad = target[sample or 0], sink_grad.sum(0)
+    target.add_(sink_grad.to(grad.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def registered():
 
 @pytest.fixture
 def builds(monkeypatch):
-    """Calls, by name, of the layout build, the segment-id derivation and the windowed attention itself."""
+    """Calls, by name, of the layout build, the segment-id derivation and the windowed attention itself; with plain
+    positions too on the layout (what GPUs compute: on the CPU they are computed in place, without one)."""
+    monkeypatch.setattr(attention, "_in_place_windows", False)
     counts = collections.Counter()
 
     def count(name):
@@ -105,6 +107,20 @@ def test_one_layout_per_forward_with_checkpointing_and_the_uncached_result(case,
     assert torch.equal(loss, expected_loss)
     for name, grad in expected_grads.items():
         assert torch.equal(grads[name], grad), name
+
+
+def test_plain_positions_on_the_cpu_build_no_layout_and_train_as_the_layout_does(builds, monkeypatch):
+    model = checkpointed_model(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+    attention.configure(model, group_size=GROUP_SIZE, sink_tokens=2, dense_heads=1)
+    expected_loss, expected_grads = loss_and_grads(model, batch("plain"))
+    assert builds["_run_layout"] == 2  # the layout path: one per offset (the dense head's pass has its own too)
+    builds.clear()
+    monkeypatch.setattr(attention, "_in_place_windows", True)
+    loss, grads = loss_and_grads(model, batch("plain"))
+    assert builds["_run_layout"] == builds["_sdpa_over_windows"] == 0
+    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("case", ["plain", "packed"])

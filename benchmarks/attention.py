@@ -103,10 +103,13 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory_in_fresh_process(method: str, seq_len: int, args) -> float:
-    """CPU peak RSS only grows, so each memory measurement gets its own process."""
+    """CPU peak RSS only grows, so each measurement gets its own process, in which every allocation above 128 KiB
+    is its own mapping, returned on free (else glibc's rising mmap threshold keeps freed blocks resident, and the
+    high-water mark depends on the order of allocations, not on the tensors alive)."""
     command = [sys.executable, __file__, "--device", "cpu", "--single", method, str(seq_len)]
     command += ["--threads", str(args.threads)]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return float(result.stdout.strip().splitlines()[-1])
 
 

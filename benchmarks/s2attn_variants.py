@@ -187,48 +187,129 @@ def core_peak_mb(name: str, seq_len: int) -> float:
     """Peak resident memory (MiB) one forward + backward of the core adds over its inputs: run in a fresh process,
     whose high-water mark is reset (/proc/self/clear_refs) once the inputs exist, then read from VmHWM."""
 
-    def status_kb(field: str) -> int:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-        return int(line.split()[1])
-
     q, k, v, grad = core_inputs(seq_len)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     attend = core_method(name, seq_len // 4)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    base = status_kb("VmRSS:")
+    base = _status_kb("VmRSS:")
     attend(q, k, v).backward(grad)
-    return (status_kb("VmHWM:") - base) / 1024
+    return (_status_kb("VmHWM:") - base) / 1024
+
+
+def core_seconds(name: str, seq_len: int, repeats: int) -> float:
+    """Forward + backward seconds of the core, the fastest of `repeats`."""
+    inputs = core_inputs(seq_len)
+    attend, best = core_method(name, seq_len // 4), float("inf")
+    for _ in range(repeats):
+        q, k, v = (x.detach().clone().requires_grad_() for x in inputs[:3])
+        start = time.perf_counter()
+        attend(q, k, v).backward(inputs[3])
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def attention_core_times(seq_len: int, repeats: int) -> dict:
     """Forward + backward seconds (min over repeats) of the attention core at LLaMA-7B's head shape, per variant,
-    and the peak memory each adds (one fresh process per variant)."""
-    import multiprocessing
-
+    and the peak memory each adds: a fresh process for each (the evaluations before leave this one's heap large)."""
     group_size = seq_len // 4
-    inputs = core_inputs(seq_len)
     names = [*LLAMA7B_VARIANTS, "dense"]
-    times = {}
-    for name in names:
-        attend, best = core_method(name, group_size), float("inf")
-        for _ in range(repeats):
-            q, k, v = (x.detach().clone().requires_grad_() for x in inputs[:3])
-            start = time.perf_counter()
-            attend(q, k, v).backward(inputs[3])
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
-    # Every allocation above 128 KiB its own mapping, returned on free: else glibc's rising mmap threshold keeps
-    # freed blocks resident and the high-water mark depends on the order of allocations, not the tensors alive.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            peak = {name: pool.apply(core_peak_mb, (name, seq_len)) for name in names}
-    finally:
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    times = {name: _fresh_process(core_seconds, name, seq_len, repeats) for name in names}
+    peak = {name: _fresh_process(core_peak_mb, name, seq_len) for name in names}
     return {"seq_len": seq_len, "group_size": group_size, "seconds": times,
             "relative_to_s2attn": {name: t / times["s2attn"] for name, t in times.items()},
             "peak_mb_over_inputs": peak,
-            "peak_relative_to_s2attn": {name: m / peak["s2attn"] for name, m in peak.items()}}  # fmt: skip
+            "peak_relative_to_s2attn": {name: m / peak["s2attn"] for name, m in peak.items()},
+            "peak_relative_to_dense": {name: m / peak["dense"] for name, m in peak.items()}}  # fmt: skip
+
+
+# Model steps: (model config, N, G, dense heads of the variants, activation checkpointing, with the LM head and loss).
+STEP_SHAPES = {
+    # the demo's extended model as its LongLoRA stage trains it: N = 2048, G = 1024, 1 of 6 heads dense
+    "demo": (dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=32, vocab_size=4096), 2048, 1024, 1, False, True),
+    # one LLaMA-2-7B decoder layer, checkpointed as long-context training runs it: N = 4096, G = 1024, 2 of 32 dense
+    "llama7b-layer": (dict(hidden_size=LLAMA7B["hidden"], intermediate_size=LLAMA7B["intermediate"],
+                           num_hidden_layers=1, num_attention_heads=LLAMA7B["heads"],
+                           num_key_value_heads=LLAMA7B["heads"], vocab_size=256), 4096, 1024, 2, True, False),
+}  # fmt: skip
+
+
+def model_step(shape: str, name: str, steps: int) -> dict:
+    """Forward + backward of a model of `shape` with frozen random weights (LoRA's frozen base; gradients flow to the
+    input embeddings), attention `name` (a LLAMA7B_VARIANTS key, or dense SDPA), in this fresh process: the
+    fastest of `steps` steps and the peak resident memory over everything built before them (weights, inputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from longctx import attention
+
+    fields, seq_len, group_size, dense_heads, checkpointing, with_head = STEP_SHAPES[shape]
+    attention.register()
+    config = LlamaConfig(**fields, max_position_embeddings=seq_len, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model_class = LlamaForCausalLM if with_head else LlamaModel
+    model = model_class._from_config(config, attn_implementation="sdpa" if name == "dense" else "s2attn").train()
+    if name != "dense":
+        settings = LLAMA7B_VARIANTS[name]
+        attention.configure(
+            model,
+            group_size=group_size,
+            sink_tokens=settings.get("sink_tokens", 0),
+            dense_heads=dense_heads if settings.get("num_dense_heads") else 0,
+        )
+    model.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embeds = torch.randn(1, seq_len, config.hidden_size).requires_grad_()
+    labels = torch.randint(0, config.vocab_size, (1, seq_len))
+    grad = torch.randn(1, seq_len, config.hidden_size)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    base = _status_kb("VmRSS:")
+    times = []
+    for _ in range(steps):
+        embeds.grad = None
+        start = time.perf_counter()
+        if with_head:
+            model(inputs_embeds=embeds, labels=labels).loss.backward()
+        else:
+            model(inputs_embeds=embeds).last_hidden_state.backward(grad)
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_mb_over_inputs": (_status_kb("VmHWM:") - base) / 1024}
+
+
+def model_steps(shape: str, steps: int) -> dict:
+    """`model_step` for plain S²-Attn, each variant and dense attention, one fresh process each."""
+    names = [*LLAMA7B_VARIANTS, "dense"]
+    fields, seq_len, group_size, dense_heads, checkpointing, with_head = STEP_SHAPES[shape]
+    rows = {name: _fresh_process(model_step, shape, name, steps) for name in names}
+    return {
+        "seq_len": seq_len, "group_size": group_size, "dense_heads": dense_heads, "config": fields,
+        "activation_checkpointing": checkpointing, "lm_head_and_loss": with_head, "steps": steps,
+        "seconds": {name: row["seconds"] for name, row in rows.items()},
+        "peak_mb_over_inputs": {name: row["peak_mb_over_inputs"] for name, row in rows.items()},
+        "relative_to_s2attn": {name: row["seconds"] / rows["s2attn"]["seconds"] for name, row in rows.items()},
+        "peak_relative_to_dense": {
+            name: row["peak_mb_over_inputs"] / rows["dense"]["peak_mb_over_inputs"] for name, row in rows.items()
+        },
+    }  # fmt: skip
+
+
+def _status_kb(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+
+def _fresh_process(function, *args):
+    """function(*args) in a new process. Every allocation above 128 KiB gets its own mapping, returned on free:
+    else glibc's rising mmap threshold keeps freed blocks resident, and the high-water mark would depend on the
+    order of allocations, not on the tensors alive."""
+    import multiprocessing
+
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            return pool.apply(function, args)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
 
 def step_flops_model(seq_len: int = 32_768, dense_phase: float = 0.1, combined_phase: float = 0.25) -> dict:
@@ -292,6 +373,12 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds to run for these variants")
     parser.add_argument("--core-seq-len", type=int, default=8192, help="N of the LLaMA-7B attention-core timing")
     parser.add_argument("--core-repeats", type=int, default=2)
+    parser.add_argument("--step-repeats", type=int, default=2, help="steps per model-step measurement (fastest kept)")
+    parser.add_argument(
+        "--remeasure",
+        choices=["core", "steps", "all"],
+        help="measure the attention core, the model steps or both again (else kept from the JSON)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "s2attn_variants.json")
     args = parser.parse_args()
     try:
@@ -325,9 +412,18 @@ def main() -> int:
             }
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     core = previous.get("attention_core_llama7b_cpu")
-    if core is None or core.get("seq_len") != args.core_seq_len or set(core["seconds"]) != {*LLAMA7B_VARIANTS, "dense"}:
+    names = {*LLAMA7B_VARIANTS, "dense"}
+    stale = core is None or core.get("seq_len") != args.core_seq_len or set(core["seconds"]) != names
+    if args.remeasure in ("core", "all") or stale:
         print("\n=== s2attn_variants: attention core at LLaMA-7B's head shape ===", flush=True)
         core = attention_core_times(args.core_seq_len, args.core_repeats)
+    steps = {}
+    for shape in STEP_SHAPES:
+        key = f"model_step_{shape}_cpu"
+        steps[key] = previous.get(key)
+        if args.remeasure in ("steps", "all") or steps[key] is None or set(steps[key]["seconds"]) != names:
+            print(f"\n=== s2attn_variants: model step, {shape} ===", flush=True)
+            steps[key] = model_steps(shape, args.step_repeats)
     result = {
         "what": "S²-Attn variants vs plain S²-Attn and dense training: the demo's base extended 8x (256 -> 2048), "
         "same data, steps, seed and lr; dense-attention evaluation on the same held-out tokens",
@@ -343,6 +439,7 @@ def main() -> int:
         "runs": runs,
         "summary": summarize(runs),
         "attention_core_llama7b_cpu": core,
+        **steps,
         "step_flops_model_llama7b_32k": step_flops_model(),
         "train_wall_s_this_call": wall,
         "host": {

@@ -617,9 +617,10 @@ def _flash_over_runs(q_rows, k_rows, v_rows, layout: _RunLayout, scale: float, d
 
 # Tests turn this off to compare with the window-buffer computation.
 _in_place_windows = True
-_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # A kernel call covers at most this share of a sample's (token, query head) pairs (at least one window of one kv head).
 _CALL_SHARE = 32
+# CPU flash attention (what SDPA runs on the CPU) with its log-sum-exp, and its backward.
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
@@ -653,7 +654,7 @@ def _in_place_usable(q, k, v, backend, dropout, segment_ids, position_ids) -> bo
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # one per (head split, N, sinks): few in a run, but lengths may vary
 def _in_place_plan(
     passes: tuple[tuple[int, tuple[tuple[int, int], ...]], ...], seq_len: int, sink_tokens: int, heads_per_kv: int
 ) -> tuple[_Piece, ...]:
@@ -722,9 +723,9 @@ def _even_kv_ranges(heads: tuple[int, int], heads_per_kv: int) -> list[tuple[int
     return [(max(first, kv * heads_per_kv), min(end, (kv + 1) * heads_per_kv)) for kv in counts]
 
 
-def _piece_views(piece: _Piece, batch: int, *tensors: torch.Tensor):
-    """For each kernel call of a piece: (the views of tensors (B, N, heads, D) token-major, each at the piece's query
-    or kv heads by its head count, as (windows, heads, length, D)), and the sample (None: all samples) it covers."""
+def _piece_views(piece: _Piece, batch: int, *tensors: tuple[torch.Tensor, tuple[int, int]]):
+    """For each kernel call of a piece: the views of the tensors (B, N, heads, D), token-major, each at its head range
+    [heads), as (windows, heads, length, D); and the sample the call covers (None: all, or the only one)."""
     one_call = piece.count == 1 or batch == 1
     for sample in [None] if one_call else range(batch):
         views = []

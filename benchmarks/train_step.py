@@ -86,9 +86,21 @@ SHAPES = {
 }
 GPU_LENGTHS = [8192, 16384, 32768, 65536, 102400, 131072, 196608, 262144]
 TINY_LENGTHS = [256, 512, 1024, 2048]
-ATTENTIONS = ("s2attn", "sdpa")  # S²-Attn (G = N/4) and dense causal SDPA
+# S²-Attn (G = N/4), S²-Attn with the variants of the reach presets (REACH) and dense causal SDPA
+ATTENTIONS = ("s2attn", "s2attn-reach", "sdpa")
+DEFAULT_ATTENTIONS = ("s2attn", "sdpa")
+# s2attn-reach: launch/presets/llama2-7b-32k-reach.yaml's variants outside its dense phase, 4 sinks and 1 of every
+# 16 heads dense (2 of LLaMA-2-7B's 32; at least 1). The phase's steps are dense SDPA's, so that preset's mean step
+# is 0.75 of an s2attn-reach step + 0.25 of a dense one.
+REACH_SINK_TOKENS = 4
 TRAININGS = ("lora", "full")  # LoRA + trainable embed/norm, or full fine-tuning
-LABELS = {"s2attn": "S²-Attn", "sdpa": "dense", "lora": "LoRA+embed/norm", "full": "full FT"}
+LABELS = {
+    "s2attn": "S²-Attn",
+    "s2attn-reach": "S²-Attn + sinks, dense heads",
+    "sdpa": "dense",
+    "lora": "LoRA+embed/norm",
+    "full": "full FT",
+}
 # Dense bf16 tensor-core peak in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # --budget-s: no configuration starts with less time left than this (or than the slowest one so far took).
@@ -130,11 +142,19 @@ def training_flops(
     head_dim: int,
     group_size: int | None,
     checkpointing: bool,
+    dense_heads: int = 0,
+    sink_tokens: int = 0,
 ) -> dict[str, float]:
-    """FLOPs of one training step by component; group_size None means dense causal attention."""
+    """FLOPs of one training step by component; group_size None means dense causal attention. With S²-Attn's
+    variants, each of the last dense_heads heads attends densely and the others also read sink_tokens sinks."""
     tokens = batch * seq_len
-    score_entries = seq_len * seq_len / 2 if group_size is None else seq_len * group_size / 2  # per head
-    attention_forward = 2 * 2 * head_dim * score_entries * num_heads * num_layers * batch  # QKᵀ and PV
+    dense_entries = seq_len * seq_len / 2  # per head
+    if group_size is None:
+        score_entries = dense_entries * num_heads
+    else:
+        grouped_entries = seq_len * group_size / 2 + seq_len * sink_tokens
+        score_entries = grouped_entries * (num_heads - dense_heads) + dense_entries * dense_heads
+    attention_forward = 2 * 2 * head_dim * score_entries * num_layers * batch  # QKᵀ and PV
     flops = {
         "linear_forward": 2 * linear_params * tokens,
         "linear_input_grad": 2 * linear_params * tokens,
@@ -172,11 +192,16 @@ def peak_tflops_of(device_name: str) -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def reach_dense_heads(shape: str) -> int:
+    return max(1, SHAPES[shape]["num_attention_heads"] // 16)
+
+
 def run_config(config: Configuration):
     """The preset's RunConfig with the model replaced by the shape and the measured switches applied."""
     from longctx.config import RunConfig, load_config
 
     shape = SHAPES[config.shape]
+    reach = config.attention == "s2attn-reach"
     overrides = [
         "model.path=",
         f"model.init={json.dumps(shape)}",
@@ -184,7 +209,10 @@ def run_config(config: Configuration):
         "train.micro_batch_size=1",
         "train.gradient_accumulation_steps=1",
         "train.global_batch_size=1",
-        f"attention.implementation={config.attention}",
+        f"attention.implementation={'s2attn' if reach else config.attention}",
+        f"attention.sink_tokens={REACH_SINK_TOKENS if reach else 0}",
+        f"attention.dense_heads={reach_dense_heads(config.shape) if reach else 0}",
+        "attention.dense_phase=0",  # a step is one step: the phase's steps are dense SDPA's row
         "attention.group_size=0",  # G = N/4 at every N
         f"rope.original_context={shape['max_position_embeddings']}",
         "rope.factor=0",  # interpolate by N / the shape's context
@@ -273,7 +301,7 @@ def measure(config: Configuration) -> dict:
         times.append(time.perf_counter() - start)
 
     hf_config = model.config
-    group_size = cfg.group_size if config.attention == "s2attn" else None
+    group_size = cfg.group_size if config.attention != "sdpa" else None
     flops = training_flops(
         batch=1,
         seq_len=cfg.train.seq_len,
@@ -285,6 +313,8 @@ def measure(config: Configuration) -> dict:
         head_dim=hf_config.hidden_size // hf_config.num_attention_heads,
         group_size=group_size,
         checkpointing=cfg.model.activation_checkpointing,
+        dense_heads=cfg.attention.dense_heads,
+        sink_tokens=cfg.attention.sink_tokens,
     )
     step_s = statistics.median(times) if times else None
     return {
@@ -524,7 +554,7 @@ def plan(args) -> dict:
         except UserError as e:
             problems.append(f"{where}: {e}")
             return config.__dict__
-        group_size = cfg.group_size if attention == "s2attn" else None  # checked against N by the config itself
+        group_size = cfg.group_size if attention != "sdpa" else None  # checked against N by the config itself
         return config.__dict__ | {"group_size": group_size, "deepspeed_config": cfg.deepspeed.config}
 
     lengths = args.lengths or (TINY_LENGTHS if args.shape == "tiny" else GPU_LENGTHS)
@@ -631,7 +661,9 @@ def main() -> None:
     parser.add_argument("--attention", choices=ATTENTIONS, default="s2attn")
     parser.add_argument("--training", choices=TRAININGS, default="lora")
     parser.add_argument("--out", type=Path, help="JSON path (default results/train_step_<device>_<shape>.json)")
-    parser.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS), help="sweep these")
+    parser.add_argument(
+        "--attentions", nargs="+", choices=ATTENTIONS, default=list(DEFAULT_ATTENTIONS), help="sweep these"
+    )
     parser.add_argument("--trainings", nargs="+", choices=TRAININGS, default=list(TRAININGS), help="sweep only these")
     parser.add_argument("--budget-s", type=float, help="sweep: wall-clock budget in seconds (see the docstring)")
     parser.add_argument("--memory-limit-gib", type=float, help="cap each configuration's GPU memory (e.g. 79.6)")

@@ -118,6 +118,32 @@ def test_training_flops_without_checkpointing_has_no_recompute(train_step):
     assert flops["total"] == 2 * 10 * tokens * 2 + 2 * 1 * tokens + 3 * attention_forward
 
 
+def test_training_flops_of_the_variants_count_dense_heads_and_sinks(train_step):
+    common = dict(batch=1, seq_len=1000, linear_params=0, layer_linear_params=0, trainable_linear_params=0,
+                  num_layers=2, num_heads=8, head_dim=4, checkpointing=False)  # fmt: skip
+    grouped = (1000 * 250 / 2 + 1000 * 3) * 6  # 6 grouped heads of G = 250, each query reading 3 sinks more
+    dense = 1000 * 1000 / 2 * 2  # 2 dense heads
+    flops = train_step.training_flops(group_size=250, dense_heads=2, sink_tokens=3, **common)
+    assert flops["attention_forward"] == 4 * 4 * (grouped + dense) * 2
+    plain = train_step.training_flops(group_size=250, **common)
+    assert plain["attention_forward"] == 4 * 4 * 1000 * 250 / 2 * 8 * 2
+
+
+def test_reach_rows_train_the_reach_presets_variants_and_plain_rows_none(train_step):
+    def config(attention):
+        return train_step.Configuration(
+            "llama2-7b", 32768, attention, "lora", str(train_step.REPO / "launch/presets/llama2-7b-32k-reach.yaml"),
+            None, 0, 1,
+        )  # fmt: skip
+
+    reach, plain = (
+        train_step.run_config(config("s2attn-reach")).attention,
+        train_step.run_config(config("s2attn")).attention,
+    )
+    assert (reach.implementation, reach.sink_tokens, reach.dense_heads, reach.dense_phase) == ("s2attn", 4, 2, 0)
+    assert (plain.implementation, plain.sink_tokens, plain.dense_heads, plain.dense_phase) == ("s2attn", 0, 0, 0)
+
+
 def test_peak_tflops_from_device_name(train_step):
     assert train_step.peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
     assert train_step.peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0

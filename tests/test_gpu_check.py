@@ -56,8 +56,10 @@ def test_dry_run_plans_the_sweeps_with_the_real_runs_arguments(dry_run):
     planned = [(c["seq_len"], c["attention"], c["training"], c["group_size"]) for c in speed["configurations"]]
     assert planned == [
         (32768, "s2attn", "lora", 8192),
+        (32768, "s2attn-reach", "lora", 8192),
         (32768, "sdpa", "lora", None),
         (8192, "s2attn", "lora", 2048),
+        (8192, "s2attn-reach", "lora", 2048),
         (8192, "sdpa", "lora", None),
     ]
     assert {(c["shape"], Path(c["preset"]).name) for c in speed["configurations"]} == {
@@ -80,6 +82,7 @@ def test_dry_run_writes_no_figure(dry_run):
     assert [(t["name"], t["threshold"]) for t in report["targets"]] == [
         ("s2attn_speedup_32k", 1.5),
         ("mfu_32k", 0.45),
+        ("reach_step_32k", 1.2),
         ("longest_7b_context_one_h100", 131072),
     ]
     assert all(t["measured"] is None and t["met"] is None for t in report["targets"])
@@ -98,8 +101,11 @@ def test_a_broken_plan_fails_the_dry_run_and_names_each_problem(gpu_check, monke
     assert report["ok"] is False
     assert report["problems"] == [
         "tests/test_gpu_train.py has no test for the preset llama2-7b-1m",
-        "speed sweep: N=8190 s2attn lora: train.seq_len=8190 is not a multiple of the S²-Attn group size 2046: pick "
-        "attention.group_size (or group_size_ratio) so that it divides the sequence length",
+        *(
+            f"speed sweep: N=8190 {attention} lora: train.seq_len=8190 is not a multiple of the S²-Attn group size "
+            "2046: pick attention.group_size (or group_size_ratio) so that it divides the sequence length"
+            for attention in ("s2attn", "s2attn-reach")
+        ),
     ]
     assert "problem: speed sweep: N=8190" in capsys.readouterr().out
 
@@ -168,21 +174,27 @@ def bisection(longest, cut=False, probes=()):
 
 
 def test_targets_are_met_not_met_or_not_measured(gpu_check):
-    # Given rows (the comparison's logic, not measurements): 2.0x and 50% MFU at 32k, 147456 tokens fit.
+    # Given rows (the comparison's logic, not measurements): 2.0x and 50% MFU at 32k, the reach preset's mean step
+    # (0.75 * 5.2 + 0.25 * 10) / 5 = 1.28x plain's, 147456 tokens fit.
     sweeps = {
-        "speed": {"rows": [row(32768, "s2attn", step_s=5.0, mfu=0.5), row(32768, "sdpa", step_s=10.0)]},
+        "speed": {"rows": [row(32768, "s2attn", step_s=5.0, mfu=0.5), row(32768, "sdpa", step_s=10.0),
+                           row(32768, "s2attn-reach", step_s=5.2)]},
         "longest": {"bisection": bisection(147456)},
-    }
+    }  # fmt: skip
     targets = {t["name"]: t for t in gpu_check.evaluate_targets(sweeps, {"device_name": "NVIDIA H100"}, None)}
-    assert [(t["measured"], t["met"]) for t in targets.values()] == [(2.0, True), (0.5, True), (147456, True)]
+    assert [(t["measured"], t["met"]) for t in targets.values()] == [
+        (2.0, True), (0.5, True), (pytest.approx(1.28), False), (147456, True)
+    ]  # fmt: skip
 
     sweeps = {
-        "speed": {"rows": [row(32768, "s2attn", step_s=5.0, mfu=0.3), row(32768, "sdpa", step_s=6.0)]},
+        "speed": {"rows": [row(32768, "s2attn", step_s=5.0, mfu=0.3), row(32768, "sdpa", step_s=6.0),
+                           row(32768, "s2attn-reach", step_s=5.0)]},
         "longest": {"bisection": bisection(98304)},
-    }
+    }  # fmt: skip
     targets = {t["name"]: t for t in gpu_check.evaluate_targets(sweeps, {"device_name": "NVIDIA H200"}, 79.6)}
-    assert [t["met"] for t in targets.values()] == [False, False, False]
+    assert [t["met"] for t in targets.values()] == [False, False, True, False]  # reach: 1.05x, at most 1.2x
     assert targets["s2attn_speedup_32k"]["measured"] == pytest.approx(1.2)
+    assert targets["reach_step_32k"]["measured"] == pytest.approx(1.05)
     assert "capped at 79.6 GiB" in targets["longest_7b_context_one_h100"]["note"]
 
     # Dense out of memory, and a search cut by the budget below the threshold: nothing decided.
@@ -193,6 +205,10 @@ def test_targets_are_met_not_met_or_not_measured(gpu_check):
     targets = {t["name"]: t for t in gpu_check.evaluate_targets(sweeps, {}, None)}
     assert targets["s2attn_speedup_32k"]["met"] is None and "dense oom" in targets["s2attn_speedup_32k"]["note"]
     assert targets["mfu_32k"]["met"] is True
+    assert (
+        targets["reach_step_32k"]["met"] is None
+        and "with the variants not measured" in targets["reach_step_32k"]["note"]
+    )
     assert targets["longest_7b_context_one_h100"]["met"] is None
     assert "a lower bound" in targets["longest_7b_context_one_h100"]["note"]
     assert all(t["met"] is None for t in gpu_check.evaluate_targets({}, {}, None))

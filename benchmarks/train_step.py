@@ -86,7 +86,7 @@ SHAPES = {
 }
 GPU_LENGTHS = [8192, 16384, 32768, 65536, 102400, 131072, 196608, 262144]
 TINY_LENGTHS = [256, 512, 1024, 2048]
-# S²-Attn (G = N/4), S²-Attn with the variants of the reach presets (REACH) and dense causal SDPA
+# S²-Attn (G = N/4), S²-Attn with the reach presets' variants (below) and dense causal SDPA
 ATTENTIONS = ("s2attn", "s2attn-reach", "sdpa")
 DEFAULT_ATTENTIONS = ("s2attn", "sdpa")
 # s2attn-reach: launch/presets/llama2-7b-32k-reach.yaml's variants outside its dense phase, 4 sinks and 1 of every

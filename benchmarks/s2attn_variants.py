@@ -14,11 +14,14 @@ cosine) runs once per variant with the same data, steps, seed and lr, changing o
 Each extended model is scored with dense attention on the same held-out tokens (EVAL_TOKENS per length of the demo's
 2048-token held-out split): perplexity on windows of L and on sliding windows (stride L/4) at 256..2048, loss by
 position (16 buckets over 2048), and the demo's RULER needle table. Training time per step and peak memory come from
-each run's metrics.jsonl (steps 2.. of the loop, on this machine's 2 cores); the attention core's forward + backward
-at a LLaMA-7B head shape (32 heads of 128, CPU, float32) is timed per variant, and a FLOP count gives the whole-step
-ratio at N = 32k for LLaMA-2-7B (a model, not a measurement; a GPU run measures it).
+each run's metrics.jsonl (steps 2.. of the loop, on this machine's 2 cores). Per variant and for dense attention,
+each in a fresh process: forward + backward time and peak memory of the attention core at a LLaMA-7B head shape (32
+heads of 128, N = 8192, float32) and of whole model steps (STEP_SHAPES: the demo's model at 2048, one LLaMA-2-7B
+layer at 4096, frozen weights). A FLOP count gives the whole-step ratio at N = 32k for LLaMA-2-7B (a model, not a
+measurement; `make gpu-check` measures it).
 
     .venv/bin/python benchmarks/s2attn_variants.py [--variants s2attn,dense,...] [--seeds 0] [--out ...]
+    .venv/bin/python benchmarks/s2attn_variants.py --remeasure {core,steps,all}   # else kept from the JSON
 
 Needs `make demo` first. Runs go to runs/s2attn_variants/<variant>-seed<k>/; a run whose final model exists is not
 retrained and an evaluation that exists is not redone, so a rerun (e.g. with --seeds 1 for the headline rows) only
